@@ -1,0 +1,119 @@
+"""
+The routing controller: which attention heads each token uses at each inner step.
+
+Two variants share one class:
+  hrm  two GRU cells at two timescales (as in the HRM paper, arXiv 2506.21734): the fast f_L updates at every
+       inner step, the slow f_H only when t % T == 0 (or, with h_gate="learned", by a learned sigmoid gate);
+       f_L reads z_H, so the slow state conditions the fast one.
+  poh  one GRU cell, single timescale (Pointer-over-Heads).
+The third controller of the A/B, `none`, is not a module at all: model.py then uses uniform head weights.
+
+The state is per token: z_L, z_H have shape (B, N, d_ctrl); the GRU cells run on the flattened (B*N, .) tokens.
+Routing: logits -> p = softmax(logits / temperature) -> keep the top-k per token, renormalise. With hard routing
+the forward value is the hard top-k (m / k) while the gradient is the soft one (straight-through), so every
+head's logit keeps learning. Top-k saves no FLOPs here: every head is still computed.
+
+Nothing to run on its own; `python -m pytest -q test_all.py -k controller` tests it.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ControllerConfig:
+    kind: str = "hrm"  # "hrm" (two timescales) or "poh" (one GRU)
+    d_model: int = 128  # width of the token states the controller reads
+    n_heads: int = 4  # one routing weight per attention head
+    d_ctrl: int = 16  # controller width
+    T: int = 2  # the slow module f_H updates when t % T == 0
+    top_k: int = 2  # heads kept per token
+    hard_route: bool = False  # straight-through hard top-k instead of renormalised soft top-k
+    h_gate: str = "fixed"  # "fixed" (period T) or "learned" (sigmoid gate on every step)
+
+
+def route(logits, temperature, top_k, hard):
+    """Router logits (..., H) -> (alpha, p): the head weights used, and the full softmax p (for entropy)."""
+    p = F.softmax(logits / temperature, dim=-1)
+    keep = torch.zeros_like(p).scatter_(-1, p.topk(top_k, dim=-1).indices, 1.0)  # top-k indicator m
+    if hard:
+        # forward value m / k; gradient of p, so the logits of dropped heads learn too
+        alpha = keep / top_k + p - p.detach()
+    else:
+        kept = p * keep
+        alpha = kept / kept.sum(-1, keepdim=True)
+    return alpha, p
+
+
+def routing_entropy(p):
+    """Mean entropy (nats) of the per-token head distributions p (..., H); a tensor, so it can be a loss term."""
+    return -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+
+
+def anneal(start, end, frac):
+    """Linear schedule from start (frac=0) to end (frac>=1); used for temperature and entropy weight."""
+    frac = min(max(frac, 0.0), 1.0)
+    return start + (end - start) * frac
+
+
+def temperature_at(frac, start=2.0, end=1.0, floor=0.0):
+    """Router temperature at training progress frac in [0, 1]; never below floor."""
+    return max(anneal(start, end, frac), floor)
+
+
+class Controller(nn.Module):
+    def __init__(self, cfg: ControllerConfig):
+        super().__init__()
+        assert cfg.kind in ("hrm", "poh"), f"controller kind must be hrm or poh, got {cfg.kind!r}"
+        assert 1 <= cfg.top_k <= cfg.n_heads, f"top_k={cfg.top_k} must be in [1, n_heads={cfg.n_heads}]"
+        assert cfg.T >= 1, f"T must be >= 1, got {cfg.T}"
+        assert cfg.h_gate in ("fixed", "learned"), f"h_gate must be fixed or learned, got {cfg.h_gate!r}"
+        self.cfg = cfg
+        c = cfg.d_ctrl
+        self.inp = nn.Sequential(nn.LayerNorm(cfg.d_model), nn.Linear(cfg.d_model, c))  # u_t per token
+        if cfg.kind == "hrm":
+            self.f_H = nn.GRUCell(2 * c, c)  # slow: reads [u_t, z_L]
+            self.f_L = nn.GRUCell(2 * c, c)  # fast: reads [u_t, z_H]
+            self.router = nn.Linear(2 * c, cfg.n_heads)
+            if cfg.h_gate == "learned":
+                self.gate = nn.Linear(3 * c, 1)
+        else:
+            self.f_L = nn.GRUCell(c, c)
+            self.router = nn.Linear(c, cfg.n_heads)
+
+    def init_state(self, B, N, device):
+        """Zeros: the one initial controller state, per token."""
+        z = torch.zeros(B, N, self.cfg.d_ctrl, device=device)
+        return {"z_L": z, "z_H": z.clone()} if self.cfg.kind == "hrm" else {"z_L": z}
+
+    def forward(self, x, state, t, temperature=1.0):
+        """x (B, N, d_model) token states; state dict of (B, N, d_ctrl); t the inner step index.
+        Returns alpha (B, N, H), p (B, N, H), the new state, and how much z_H was updated (1.0, 0.0 or the gate)."""
+        B, N, _ = x.shape
+        cfg = self.cfg
+        u = self.inp(x).reshape(B * N, -1)  # (B*N, c): tokens flattened for the GRU cells
+        z_L = state["z_L"].reshape(B * N, -1)
+        if cfg.kind == "hrm":
+            z_H = state["z_H"].reshape(B * N, -1)
+            if cfg.h_gate == "learned":
+                g = torch.sigmoid(self.gate(torch.cat([u, z_L, z_H], -1)))  # (B*N, 1)
+                z_H = g * self.f_H(torch.cat([u, z_L], -1), z_H) + (1 - g) * z_H
+                h_update = g.mean()
+            elif t % cfg.T == 0:
+                z_H = self.f_H(torch.cat([u, z_L], -1), z_H)
+                h_update = torch.tensor(1.0)
+            else:
+                h_update = torch.tensor(0.0)
+            z_L = self.f_L(torch.cat([u, z_H], -1), z_L)
+            logits = self.router(torch.cat([z_L, z_H], -1))
+            new_state = {"z_L": z_L.view(B, N, -1), "z_H": z_H.view(B, N, -1)}
+        else:
+            z_L = self.f_L(u, z_L)
+            logits = self.router(z_L)
+            new_state = {"z_L": z_L.view(B, N, -1)}
+            h_update = torch.tensor(0.0)
+        alpha, p = route(logits.view(B, N, cfg.n_heads), temperature, cfg.top_k, cfg.hard_route)
+        return alpha, p, new_state, h_update

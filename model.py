@@ -1,0 +1,265 @@
+"""
+The recurrent PoH model: one small transformer applied R times ("inner steps"), routed by a controller.
+
+    e = embed(x);  h = e;  controller state = zeros
+    for t in 0..R-1:
+        alpha_t, state = controller(h + e, state, t)      (B, N, H)   or uniform for controller="none"
+        h = blocks(norm(h) + e, alpha_t)                   input injection, then the L PoH blocks
+        logits_t = head(norm(h))                           (B, N, C)
+
+Gradients: grad="bptt" backpropagates through all R steps (memory grows with R); grad="tbptt" runs the first
+R - grad_steps steps under torch.no_grad() and only the last grad_steps carry gradient (memory flat in R).
+Supervision over the inner steps: supervise="last", "all" or "every-k" (every k-th step and always the last).
+Pondering (ponder_weight > 0, PonderNet-style): a halting head gives lambda_t per sample, the halting
+distribution p_t = lambda_t * prod_{j<t}(1 - lambda_j) (the remainder on the last step), the task loss is
+sum_t p_t L_t and the regulariser KL(p || truncated Geometric(ponder_prior)). A sample's answer is taken at the
+first step where its cumulative halting probability reaches 0.5.
+
+The carried state (h, z_L, z_H) goes in and comes out of forward, detached, so train.py can run several
+segments per batch (HRM-style deep supervision).
+
+Nothing to run on its own; `python -m pytest -q test_all.py` tests it, `python train.py` trains it.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hrm_controller import Controller, ControllerConfig, routing_entropy
+from poh_block import BlockConfig, PoHBlock, local_mask, rope_tables
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 48  # input tokens (48 for mazes: 4 wall bits x {plain, start, goal})
+    n_classes: int = 5  # output classes per token (5 for the maze direction field)
+    d_model: int = 128  # token width
+    n_heads: int = 4  # attention heads, the units the controller routes
+    n_layers: int = 2  # PoH blocks applied at every inner step
+    pos: str = "rope2d"  # "rope2d" or "none"
+    attn: str = "global"  # "global" or "local" (self + 4 grid neighbours)
+    R: int = 4  # inner refinement steps per forward
+    controller: str = "hrm"  # "hrm", "poh" or "none" (uniform head weights, no controller built)
+    d_ctrl: int = 16  # controller width: small, so hrm, poh and none differ by a few % in parameters
+    T: int = 2  # slow-module period
+    top_k: int = 2  # heads kept per token
+    hard_route: bool = False  # straight-through hard top-k
+    h_gate: str = "fixed"  # "fixed" period T or "learned" gate for z_H
+    reset_controller: bool = False  # zero z_L/z_H at the start of every forward instead of carrying them
+    grad: str = "bptt"  # "bptt" or "tbptt"
+    grad_steps: int = 2  # with tbptt: the last grad_steps inner steps carry gradient
+    supervise: str = "last"  # task loss on "last", "all" or "every-k" inner steps (steps with gradient only)
+    ponder_weight: float = 0.0  # > 0 builds the halting head and adds beta * KL(p || geometric prior)
+    ponder_prior: float = 0.5  # lambda_p of the geometric prior over halting steps
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+
+    def validate(self):
+        """Raise ValueError with one clear line for settings that cannot work."""
+        checks = [
+            (self.R >= 1, f"R must be >= 1, got {self.R}"),
+            (self.T >= 1, f"T must be >= 1, got {self.T}"),
+            (self.controller in ("hrm", "poh", "none"), f"controller must be hrm, poh or none, got {self.controller!r}"),
+            (1 <= self.top_k <= self.n_heads, f"top-k must be in [1, n_heads={self.n_heads}], got {self.top_k}"),
+            (self.d_model % self.n_heads == 0, f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}"),
+            (self.pos != "rope2d" or (self.d_model // self.n_heads) % 4 == 0, "rope2d needs head width % 4 == 0"),
+            (self.pos in ("rope2d", "none"), f"pos must be rope2d or none, got {self.pos!r}"),
+            (self.attn in ("global", "local"), f"attn must be global or local, got {self.attn!r}"),
+            (self.grad in ("bptt", "tbptt"), f"grad must be bptt or tbptt, got {self.grad!r}"),
+            (1 <= self.grad_steps, f"grad-steps must be >= 1, got {self.grad_steps}"),
+            (self.h_gate in ("fixed", "learned"), f"h-gate must be fixed or learned, got {self.h_gate!r}"),
+            (0.0 < self.ponder_prior < 1.0, f"ponder prior must be in (0, 1), got {self.ponder_prior}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        supervised_steps(self.R, self.supervise)  # raises on a bad value
+
+
+def supervised_steps(R, supervise):
+    """The set of inner steps whose logits get the task loss."""
+    if supervise == "last":
+        return {R - 1}
+    if supervise == "all":
+        return set(range(R))
+    if supervise.startswith("every-") and supervise[6:].isdigit() and int(supervise[6:]) >= 1:
+        k = int(supervise[6:])
+        return {t for t in range(R) if (t + 1) % k == 0} | {R - 1}
+    raise ValueError(f"supervise must be last, all or every-K (K >= 1), got {supervise!r}")
+
+
+def token_loss(logits, y, label_smoothing=0.0):
+    """Per-sample mean cross-entropy over labelled tokens: logits (B, N, C), y (B, N) -> (B,)."""
+    B, N, C = logits.shape
+    ce = F.cross_entropy(logits.float().reshape(B * N, C), y.reshape(B * N), reduction="none",
+                         ignore_index=-100, label_smoothing=label_smoothing).view(B, N)
+    valid = (y != -100).float()
+    return (ce * valid).sum(1) / valid.sum(1).clamp_min(1.0)
+
+
+def halting_distribution(lambdas):
+    """lambdas (B, R) per-step halting probabilities -> p (B, R): p_t = lambda_t prod_{j<t}(1 - lambda_j),
+    with whatever is left assigned to the last step, so each row sums to 1."""
+    B, R = lambdas.shape
+    not_halted = torch.cumprod(1 - lambdas, dim=1)  # (B, R): prob. of running past step t
+    before = torch.cat([torch.ones_like(lambdas[:, :1]), not_halted[:, :-1]], dim=1)  # prob. of reaching step t
+    p = lambdas * before
+    return torch.cat([p[:, :-1], before[:, -1:]], dim=1)  # last step takes the remainder
+
+
+def geometric_prior(R, lam, device=None):
+    """Truncated geometric distribution over R steps (remainder on the last), shape (R,)."""
+    t = torch.arange(R, device=device, dtype=torch.float32)
+    g = lam * (1 - lam) ** t
+    g[-1] = (1 - lam) ** (R - 1)
+    return g
+
+
+class PoHModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, verbose=True):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        block_cfg = BlockConfig(d_model=cfg.d_model, n_heads=cfg.n_heads, pos=cfg.pos, attn=cfg.attn)
+        self.blocks = nn.ModuleList(PoHBlock(block_cfg) for _ in range(cfg.n_layers))
+        self.norm_in = nn.LayerNorm(cfg.d_model)  # input injection: |h| does not grow with the step count
+        self.norm_out = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.n_classes)
+        self.controller = None
+        if cfg.controller != "none":
+            self.controller = Controller(ControllerConfig(
+                kind=cfg.controller, d_model=cfg.d_model, n_heads=cfg.n_heads, d_ctrl=cfg.d_ctrl, T=cfg.T,
+                top_k=cfg.top_k, hard_route=cfg.hard_route, h_gate=cfg.h_gate))
+        self.halt = nn.Linear(cfg.d_model, 1) if cfg.ponder_weight > 0 else None
+        self.apply(self._init_weights)
+        if self.halt is not None:  # special case: start halting at the prior's per-step probability
+            nn.init.constant_(self.halt.bias, math.log(cfg.ponder_prior / (1 - cfg.ponder_prior)))
+        if verbose:
+            n_ctrl = sum(p.numel() for p in self.controller.parameters()) if self.controller else 0
+            print(f"model: {self.num_params():,} parameters ({n_ctrl:,} in the {cfg.controller} controller)")
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def init_state(self, x):
+        """The one initial state: h = e (the embedded input), controller state zeros."""
+        B, N = x.shape
+        e = self.embed(x)
+        state = {"h": e.detach().float()}
+        if self.controller is not None:
+            state.update(self.controller.init_state(B, N, x.device))
+        return state
+
+    def forward(self, x, y=None, state=None, temperature=1.0, entropy_weight=0.0, grid=None, n_steps=None,
+                trace=False):
+        """x (B, N) tokens, y (B, N) labels or None; grid (h, w) with h*w = N, default (1, N).
+        Returns a dict: logits (B, N, C) (the halted step's with pondering, else the last step's), loss (a tensor,
+        or None without y), parts (task, entropy, ponder tensors; expected_steps; steps_used), state (detached),
+        and with trace=True a list with per-step alpha, p, z_L, z_H, h_update, logits."""
+        cfg = self.cfg
+        B, N = x.shape
+        R = n_steps or cfg.R
+        grid = grid or (1, N)
+        assert grid[0] * grid[1] == N, f"grid {grid} does not have {N} cells"
+        e = self.embed(x)
+        if state is None:
+            state = self.init_state(x)
+        elif cfg.reset_controller and self.controller is not None:
+            state = {**state, **self.controller.init_state(B, N, x.device)}
+        h = state["h"].to(e.dtype)
+        ctrl = {k: v for k, v in state.items() if k != "h"}
+        rope = rope_tables(grid, cfg.d_model // cfg.n_heads, x.device) if cfg.pos == "rope2d" else None
+        mask = local_mask(grid, x.device) if cfg.attn == "local" else None
+
+        first_grad = R - min(cfg.grad_steps, R) if cfg.grad == "tbptt" else 0
+        supervised = supervised_steps(R, cfg.supervise)
+        task_terms, entropies, lambdas, step_losses, step_logits, steps = [], [], [], [], [], []
+        for t in range(R):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and t >= first_grad):
+                if self.controller is not None:
+                    alpha, p, ctrl, h_update = self.controller(h + e, ctrl, t, temperature)
+                else:
+                    alpha = p = h_update = None
+                h = self.norm_in(h) + e
+                for block in self.blocks:
+                    h = block(h, alpha, rope, mask)
+                logits = self.head(self.norm_out(h))
+                if p is not None and t >= first_grad:
+                    entropies.append(routing_entropy(p))
+                if self.halt is not None:
+                    lambdas.append(torch.sigmoid(self.halt(h.mean(1)).float()).squeeze(-1))  # (B,)
+                    step_logits.append(logits)
+                    if y is not None:
+                        step_losses.append(token_loss(logits, y, cfg.label_smoothing))
+                elif y is not None and t in supervised and t >= first_grad:
+                    task_terms.append(token_loss(logits, y, cfg.label_smoothing).mean())
+            if trace:
+                steps.append({"alpha": alpha, "p": p, "h_update": h_update if h_update is None else h_update.detach(), "logits": logits.detach(),
+                              **{k: v.detach().clone() for k, v in ctrl.items()}})
+
+        zero = torch.zeros((), device=x.device)
+        entropy = torch.stack(entropies).mean() if entropies else zero
+        parts = {"entropy": entropy, "ponder": zero, "task": zero}
+        if self.halt is not None:
+            lam = torch.stack(lambdas, 1)  # (B, R)
+            p_halt = halting_distribution(lam)
+            prior = geometric_prior(R, cfg.ponder_prior, x.device)
+            kl = (p_halt * (p_halt.clamp_min(1e-12).log() - prior.log())).sum(1).mean()
+            steps_idx = torch.arange(1, R + 1, device=x.device, dtype=torch.float32)
+            parts["expected_steps"] = (p_halt * steps_idx).sum(1).mean()
+            parts["ponder"] = cfg.ponder_weight * kl
+            parts["halt_p"] = p_halt
+            # a sample answers at the first step where its cumulative halting probability reaches 0.5
+            stop = (p_halt.cumsum(1) >= 0.5).float().argmax(1)  # (B,)
+            parts["steps_used"] = (stop + 1).float().mean()
+            logits = torch.stack(step_logits, 1)[torch.arange(B, device=x.device), stop]  # (B, N, C)
+            if y is not None:
+                parts["task"] = (p_halt * torch.stack(step_losses, 1)).sum(1).mean()
+        else:
+            parts["steps_used"] = torch.tensor(float(R))
+            if task_terms:
+                parts["task"] = torch.stack(task_terms).mean()
+        loss = None
+        if y is not None:
+            loss = parts["task"] + parts["ponder"] + entropy_weight * entropy
+        out_state = {"h": h.detach().float(), **{k: v.detach().float() for k, v in ctrl.items()}}
+        return {"logits": logits, "loss": loss, "parts": parts, "state": out_state, "trace": steps}
+
+    def controller_parameters(self):
+        """Names of the controller's parameters (for a separate learning rate)."""
+        return {n for n, _ in self.named_parameters() if n.startswith("controller.")}
+
+    def configure_optimizers(self, lr, weight_decay, betas=(0.9, 0.95), lr_controller=None, verbose=True):
+        """AdamW: tensors with 2+ dims get weight decay, the rest don't; the controller optionally has its own LR."""
+        ctrl_names = self.controller_parameters() if lr_controller is not None else set()
+        groups = []
+        for is_ctrl in (False, True):
+            params = [(n, p) for n, p in self.named_parameters() if p.requires_grad and (n in ctrl_names) == is_ctrl]
+            if not params:
+                continue
+            group_lr = lr_controller if is_ctrl else lr
+            decay = [p for _, p in params if p.dim() >= 2]
+            no_decay = [p for _, p in params if p.dim() < 2]
+            groups.append({"params": decay, "weight_decay": weight_decay, "lr": group_lr, "base_lr": group_lr})
+            groups.append({"params": no_decay, "weight_decay": 0.0, "lr": group_lr, "base_lr": group_lr})
+            if verbose:
+                who = "controller" if is_ctrl else "model" if ctrl_names else "all"
+                print(f"optimizer [{who}, lr {group_lr:g}]: {sum(p.numel() for p in decay):,} decayed, "
+                      f"{sum(p.numel() for p in no_decay):,} not decayed parameters")
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def model_args(model):
+    """The plain dict that rebuilds the model: stored in checkpoints instead of a pickled object."""
+    return asdict(model.cfg)

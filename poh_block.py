@@ -1,0 +1,104 @@
+"""
+The Pointer-over-Heads transformer block: a pre-norm block whose attention weights each real head by the
+router's alpha before the output projection,
+
+    out = W_O( concat_h( H * alpha_h * o_h ) ),   o_h = softmax(q_h k_h^T / sqrt(Dh)) v_h
+
+With alpha = None (or uniform 1/H) this is exactly ordinary multi-head attention, so the `none` baseline is
+this same code with the router switched off.
+
+Positions: 2-D rotary embeddings (RoPE). Half of each head's dimensions rotate with the token's row, the other
+half with its column, so q.k depends on the relative 2-D offset only and nothing is tied to the grid size: a
+model trained on 12x12 mazes runs on 16x16 ones. A sequence (sorting) is the grid (1, L). Optionally attention
+is restricted to self + the 4 grid neighbours ("local"), a strong bias for mazes: information then moves about
+one cell per block application.
+
+Nothing to run on its own; `python -m pytest -q test_all.py -k block` tests it.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROPE_BASE = 100.0  # grids are small (<= 64 cells a side), so a small base spreads the frequencies over them
+
+
+@dataclass
+class BlockConfig:
+    d_model: int = 128  # token width
+    n_heads: int = 4  # heads; head width d_model / n_heads must be a multiple of 4 for 2-D RoPE
+    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * d_model
+    pos: str = "rope2d"  # "rope2d" or "none" (no positions: used to check against nn.MultiheadAttention)
+    attn: str = "global"  # "global" or "local" (self + 4 grid neighbours)
+
+
+def grid_coords(grid, device=None):
+    """Row and column index of each of the h*w tokens, row-major: two (N,) float tensors."""
+    h, w = grid
+    idx = torch.arange(h * w, device=device)
+    return (idx // w).float(), (idx % w).float()
+
+
+def rope_tables(grid, head_dim, device=None):
+    """cos, sin of shape (N, head_dim/2): the first half of the angles follow the row, the second the column."""
+    assert head_dim % 4 == 0, f"2-D RoPE needs head_dim % 4 == 0, got {head_dim}"
+    rows, cols = grid_coords(grid, device)
+    freqs = ROPE_BASE ** (-torch.arange(head_dim // 4, device=device).float() / (head_dim // 4))  # (Dh/4,)
+    angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=1)  # (N, Dh/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate feature pairs (i, i + Dh/2) of x (B, H, N, Dh) by the per-token angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def local_mask(grid, device=None):
+    """(N, N) bool, True where attention is allowed: the token itself and its 4 grid neighbours."""
+    rows, cols = grid_coords(grid, device)
+    dist = (rows[:, None] - rows[None, :]).abs() + (cols[:, None] - cols[None, :]).abs()
+    return dist <= 1
+
+
+class PoHAttention(nn.Module):
+    def __init__(self, cfg: BlockConfig):
+        super().__init__()
+        assert cfg.d_model % cfg.n_heads == 0, "d_model must be divisible by n_heads"
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)  # W_O, applied after the head weighting
+
+    def forward(self, x, alpha=None, rope=None, mask=None):
+        """x (B, N, D); alpha (B, N, H) head weights or None for plain attention; rope (cos, sin); mask (N, N)."""
+        B, N, D = x.shape
+        H = self.n_heads
+        q, k, v = self.qkv(x).split(D, dim=2)
+        q, k, v = (z.view(B, N, H, D // H).transpose(1, 2) for z in (q, k, v))  # (B, H, N, Dh)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, Dh): one output per real head
+        if alpha is not None:
+            # scale by H so that uniform alpha = 1/H leaves o unchanged
+            o = o * (H * alpha).transpose(1, 2).unsqueeze(-1)  # alpha (B, N, H) -> (B, H, N, 1)
+        o = o.transpose(1, 2).reshape(B, N, D)  # (B, N, H*Dh): concat heads
+        return self.proj(o)
+
+
+class PoHBlock(nn.Module):
+    def __init__(self, cfg: BlockConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = PoHAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model),
+            nn.GELU(),
+            nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model),
+        )
+
+    def forward(self, x, alpha=None, rope=None, mask=None):
+        x = x + self.attn(self.ln1(x), alpha, rope, mask)
+        return x + self.mlp(self.ln2(x))
