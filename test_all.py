@@ -5,9 +5,18 @@ Each test checks values, shapes or gradients against a reference (PyTorch's own 
 a naive re-computation), so it fails when the code it covers breaks.
 """
 
+import json
+import os
+import random
+
+import numpy as np
+import pytest
 import torch
 import torch.nn as nn
-import pytest
+import torch.nn.functional as F
+
+import data
+import train
 
 from hrm_controller import Controller, ControllerConfig, route, routing_entropy, temperature_at
 from model import ModelConfig, PoHModel, halting_distribution, supervised_steps
@@ -317,3 +326,290 @@ def test_controller_parameter_group_gets_its_own_lr():
             assert g["lr"] == (5e-4 if id(p) in ctrl_ids else 1e-3)
             assert g["weight_decay"] == (0.1 if p.dim() >= 2 else 0.0)
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(m.parameters()))
+
+
+# ---- tasks: mazes and sorting (issue 3)
+
+@pytest.fixture(scope="module")
+def cache8(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def maze8(cache8):
+    return data.make_task("maze8", n_train=200, n_val=40, n_test=40, progress=False, cache_dir=cache8)
+
+
+def pool_mazes(task, split="val"):
+    p = task.pools[split]
+    return [(p["open"][i], tuple(p["start"][i]), tuple(p["goal"][i])) for i in range(len(p["plen"]))]
+
+
+def assert_valid_tree(o, start, goal):
+    """Openings agree between neighbours, the border is closed, and the maze is a spanning tree."""
+    n = o.shape[0]
+    assert np.array_equal(o[:, :-1, 1], o[:, 1:, 3]) and np.array_equal(o[:-1, :, 2], o[1:, :, 0])
+    assert not (o[0, :, 0].any() or o[:, -1, 1].any() or o[-1, :, 2].any() or o[:, 0, 3].any())
+    assert o[:, :, 1].sum() + o[:, :, 2].sum() == n * n - 1
+    dist, path = data.solve(o, start, goal)
+    assert (dist >= 0).all() and path[0] == tuple(start) and path[-1] == tuple(goal)
+
+
+def test_changed_wall_changes_input_at_both_cells(maze8):
+    x, _ = maze8.split("val")
+    o, s, g = data.decode(x[0].numpy(), 8)
+    assert np.array_equal(data.encode(o, s, g), x[0].numpy())  # decode inverts encode
+    r, c = map(int, np.argwhere(~o[:, :-1, 1])[0])  # a closed wall between (r, c) and (r, c+1)
+    o2 = o.copy()
+    o2[r, c, 1] = o2[r, c + 1, 3] = True
+    changed = np.flatnonzero(data.encode(o2, s, g) != x[0].numpy())
+    assert sorted(changed.tolist()) == [r * 8 + c, r * 8 + c + 1]
+
+
+def test_train_val_test_disjoint_under_symmetries_and_planted_copy_dropped(tmp_path, capsys):
+    task = data.make_task("maze3", n_train=300, n_val=60, n_test=60, cache_dir=str(tmp_path), progress=False)
+    keys = {s: set(data.canonical_keys(*(task.pools[s][k] for k in ("open", "start", "goal"))))
+            for s in ("train", "val", "test")}
+    assert keys["train"].isdisjoint(keys["val"]) and keys["train"].isdisjoint(keys["test"])
+    assert keys["val"].isdisjoint(keys["test"])
+    # 3x3 mazes repeat often, so the build really did drop (and report) held-out copies here
+    assert "dropped" in capsys.readouterr().out and len(task.split("val")[0]) < 60
+    # a rotated-and-reflected copy of a training maze, planted among held-out mazes, is caught
+    tr = task.pools["train"]
+    o, s, g = data.symmetry(tr["open"][:1], tr["start"][:1], tr["goal"][:1], 5)
+    held = {"open": np.concatenate([o, task.pools["val"]["open"][:3]]),
+            "start": np.concatenate([s, task.pools["val"]["start"][:3]]),
+            "goal": np.concatenate([g, task.pools["val"]["goal"][:3]]), "plen": np.zeros(4, dtype=np.int64)}
+    kept, dropped = data.drop_overlap(held, keys["train"])
+    assert dropped == 1 and np.array_equal(kept["open"], task.pools["val"]["open"][:3])
+
+
+def test_labels_follow_shortest_path_equal_to_maze_dataset_solution():
+    for m in data.maze_dataset_chunk(8, 20, seed=11):
+        o, s, g = data.from_solved(m)
+        assert_valid_tree(o, s, g)
+        dist, path = data.solve(o, s, g)
+        assert path == [tuple(int(v) for v in p) for p in m.solution]  # also checks the connection_list layout
+        y = data.labels(o, s, g, "direction").reshape(8, 8)
+        cur, moves = s, 0
+        while cur != g:
+            d = int(y[cur])
+            assert o[cur][d]  # the labelled move goes through an open side
+            nxt = (cur[0] + data.MOVES[d][0], cur[1] + data.MOVES[d][1])
+            assert dist[nxt] == dist[cur] - 1
+            cur, moves = nxt, moves + 1
+        assert moves == len(path) - 1 and y[g] == data.GOAL_CLASS
+        on_path = data.labels(o, s, g, "path").reshape(8, 8)
+        assert {tuple(map(int, p)) for p in np.argwhere(on_path == 1)} == set(path)
+
+
+def test_rollout_perfect_on_true_labels_and_fails_on_broken_predictions(maze8):
+    for target, C in (("direction", 5), ("path", 2)):
+        mazes = pool_mazes(maze8)
+        x = torch.from_numpy(np.stack([data.encode(*m) for m in mazes]))
+        y = torch.from_numpy(np.stack([data.labels(*m, target) for m in mazes]))
+        logits = F.one_hot(y, C).float()
+        assert data.maze_metrics(logits, x, y) == {"reach": 1.0, "optimal": 1.0, "exact": 1.0, "cell_acc": 1.0}
+        # break one maze: at the first path cell with a side branch, favour that branch (a dead end in a tree)
+        o, s, g = mazes[0]
+        path = data.solve(o, s, g)[1]
+        for i, cell in enumerate(path[:-1]):
+            branch = [d for d in range(4) if o[cell][d] and (cell[0] + data.MOVES[d][0], cell[1] + data.MOVES[d][1])
+                      not in path[max(i - 1, 0):i + 2]]
+            if branch:
+                break
+        nb = (cell[0] + data.MOVES[branch[0]][0]) * 8 + cell[1] + data.MOVES[branch[0]][1]
+        broken = logits.clone()
+        if target == "direction":
+            broken[0, cell[0] * 8 + cell[1], branch[0]] = 10.0
+        else:
+            broken[0, nb, 1] = 10.0
+        assert data.rollout(broken[0].numpy(), o, s, g, target)[-1] != g
+        assert data.maze_metrics(broken, x, y)["reach"] == pytest.approx(1 - 1 / len(mazes))
+    # direction logits pointing into a wall at the start cannot walk through it: the rollout still solves it
+    wall = [d for d in range(4) if not o[s][d]][0]
+    into_wall = F.one_hot(torch.from_numpy(data.labels(o, s, g)).clamp(min=0), 5).float()
+    into_wall[s[0] * 8 + s[1], wall] = 10.0
+    assert data.rollout(into_wall.numpy(), o, s, g) == path
+
+
+def test_loop_maze_separates_optimal_from_exact():
+    o = np.zeros((2, 2, 4), dtype=bool)  # a 2x2 ring: two equally short ways from (0, 0) to (1, 1)
+    o[0, 0, [1, 2]] = o[0, 1, [2, 3]] = o[1, 0, [0, 1]] = o[1, 1, [0, 3]] = True
+    x = torch.from_numpy(data.encode(o, (0, 0), (1, 1)))[None]
+    y = torch.from_numpy(data.labels(o, (0, 0), (1, 1)))[None]
+    assert y.tolist() == [[1, 2, 1, 4]]  # ties go to the lowest direction: E at the start
+    logits = F.one_hot(y, 5).float()
+    logits[0, 0, 2] = 5.0  # go S first: an equally short path that is not the labelled one
+    assert data.maze_metrics(logits, x, y) == {"reach": 1.0, "optimal": 1.0, "exact": 0.0, "cell_acc": 0.75}
+    # equal scores go N, E, S, W in that order, so flat logits follow the labelled (E-first) path
+    assert data.rollout(np.zeros((4, 5)), o, (0, 0), (1, 1)) == [(0, 0), (0, 1), (1, 1)]
+    assert data.rollout(np.zeros((4, 2)), o, (1, 1), (0, 0), "path") == [(1, 1), (0, 1), (0, 0)]
+
+
+def test_symmetries_give_valid_mazes_with_consistently_transformed_labels(maze8, cache8):
+    for o, s, g in pool_mazes(maze8)[:10]:
+        y = data.labels(o, s, g)
+        field = np.zeros((8, 8, 4), dtype=bool)  # the direction field as one-hot "open sides"
+        field.reshape(64, 4)[y < 4, y[y < 4]] = True
+        forms = set()
+        for k in range(8):
+            o2, s2, g2 = data.symmetry(o, s, g, k)
+            assert_valid_tree(o2, s2, g2)
+            assert len(data.solve(o2, s2, g2)[1]) == len(data.solve(o, s, g)[1])
+            f2 = data.symmetry(field, s, g, k)[0]
+            expected = np.where(f2.any(-1), f2.argmax(-1), -1).reshape(-1)
+            expected[g2[0] * 8 + g2[1]] = data.GOAL_CLASS
+            assert np.array_equal(expected, data.labels(o2, s2, g2))
+            forms.add(data.encode(o2, s2, g2).tobytes())
+        assert len(forms) == 8
+        assert data.symmetry(o, s, g, 0)[1:] == (s, g) and np.array_equal(data.symmetry(o, s, g, 0)[0], o)
+    # the batches the model trains on are augmented mazes with their own labels, for both targets
+    on_path = data.make_task("maze8", n_train=200, n_val=40, n_test=40, target="path", cache_dir=cache8)
+    for task in (maze8, on_path):
+        x, y = task.train_batch(32, torch.Generator().manual_seed(0))
+        for xi, yi in zip(x.numpy(), y.numpy()):
+            o, s, g = data.decode(xi, 8)
+            assert_valid_tree(o, s, g)
+            assert np.array_equal(yi, data.labels(o, s, g, task.target))
+
+
+def test_sort_targets_metrics_by_hand_and_reference_tau():
+    task = data.make_task("sort12", n_val=2000, n_test=10)
+    x, y = task.split("val")
+    assert torch.equal(y.sort(1).values, torch.arange(12).expand(2000, 12))
+    assert ((x == data.SORT_MASK).sum(1) == 6).all() and x.max() <= 200 and task.vocab_size == 201
+    seen = x != data.SORT_MASK  # visible tokens are value + 100, so they order like their ranks
+    assert all(torch.equal(xi[m].argsort(), yi[m].argsort()) for xi, yi, m in zip(x[:50], y[:50], seen[:50]))
+    ident = torch.arange(4)[None]
+    assert data.rank_metrics(ident, ident) == {"tau": 1.0, "elem_acc": 1.0, "perfect": 1.0}
+    assert data.rank_metrics(ident.flip(1), ident)["tau"] == -1.0
+    swap = data.rank_metrics(torch.tensor([[0, 2, 1, 3]]), ident)
+    assert swap["tau"] == pytest.approx((5 - 1) / 6) and swap["elem_acc"] == 0.5 and swap["perfect"] == 0.0
+    # greedy assignment: every position wants rank 0; the best claim wins and the rest take what is left
+    logits = torch.tensor([[[3.0, 1.0, 0.0], [5.0, 2.0, 0.0], [4.0, 0.0, 1.0]]])
+    assert data.greedy_ranks(logits).tolist() == [[1, 0, 2]]
+    assert task.metrics(F.one_hot(y, 12).float(), x, y) == {"tau": 1.0, "elem_acc": 1.0, "perfect": 1.0}
+    ref = task.reference_metrics(x, y)
+    assert 0.45 < ref["tau"] < 0.55 and ref["perfect"] < 0.01
+    assert 0.45 < task.reference_metrics(x, y, fill="zero")["tau"] < 0.55
+    vis = data.make_task("sort12-visible", n_val=200, n_test=10)
+    assert (vis.split("val")[0] != data.SORT_MASK).all()
+    assert vis.reference_metrics(*vis.split("val"))["tau"] == 1.0
+
+
+def test_generation_keeps_caller_rngs_is_seeded_and_cache_recovers(tmp_path, capsys, monkeypatch):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    before = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    a = data.load_mazes(5, 30, seed=7, cache_dir=str(tmp_path), progress=False)
+    assert random.getstate() == before[0] and torch.equal(torch.get_rng_state(), before[2])
+    assert all(np.array_equal(u, v) for u, v in zip(np.random.get_state(), before[1]))
+    b = data.generate_mazes(5, 30, seed=7)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["open"], data.generate_mazes(5, 30, seed=8)["open"])
+    assert np.array_equal(data.generate_mazes(5, 10, seed=7)["open"], a["open"][:10])  # prefixes are shared
+    # a cache hit never regenerates; a corrupt or mis-shaped file is reported and rebuilt
+    path = next(tmp_path.glob("*.npz"))
+    real_generate = data.generate_mazes
+    monkeypatch.setattr(data, "generate_mazes", lambda *args, **kwargs: pytest.fail("regenerated a good cache file"))
+    assert np.array_equal(data.load_mazes(5, 30, 7, str(tmp_path))["goal"], a["goal"])
+    monkeypatch.setattr(data, "generate_mazes", real_generate)
+    for bad in (b"not a zip file", None):
+        if bad is None:
+            np.savez(path, **{k: v[:5] for k, v in a.items()})
+        else:
+            path.write_bytes(bad)
+        c = data.load_mazes(5, 30, 7, str(tmp_path), progress=False)
+        assert "unusable" in capsys.readouterr().out
+        assert all(np.array_equal(a[k], c[k]) for k in a)
+    assert np.load(path)["open"].shape == (30, 5, 5, 4)
+
+
+def test_train_batch_reproducible_from_generator_and_respects_path_len_bounds(maze8):
+    gen = torch.Generator().manual_seed(5)
+    state = gen.get_state()
+    x1, y1 = maze8.train_batch(32, gen)
+    x2, _ = maze8.train_batch(32, gen)
+    gen.set_state(state)
+    x3, y3 = maze8.train_batch(32, gen)
+    assert torch.equal(x1, x3) and torch.equal(y1, y3) and not torch.equal(x1, x2)
+    lengths = lambda x: [len(data.solve(*data.decode(xi, 8))[1]) for xi in x.numpy()]
+    plen = maze8.pools["train"]["plen"]
+    cut = int(np.percentile(plen, 75))
+    assert min(lengths(maze8.train_batch(64, gen, min_path_len=cut)[0])) >= cut
+    assert set(lengths(maze8.train_batch(16, gen, min_path_len=10**6)[0])) == {plen.max()}
+    short = int(np.percentile(plen, 25))
+    assert max(lengths(maze8.train_batch(64, gen, max_path_len=short)[0])) <= short
+    assert set(lengths(maze8.train_batch(16, gen, max_path_len=0)[0])) == {plen.min()}
+
+
+def test_make_task_rejects_unknown_names_and_lists_valid_ones():
+    for bad in ("maze", "maze2", "maze65", "sort1", "sort12-hidden", "cifar10"):
+        with pytest.raises(ValueError, match="valid tasks: maze8, maze12.*sort12-visible"):
+            data.make_task(bad)
+    t = data.make_task("sort5-visible", n_val=4, n_test=4)
+    assert (t.n_classes, t.grid, t.seq_len, t.n_hidden) == (5, (1, 5), 5, 0)
+    with pytest.raises(ValueError, match="target"):
+        data.make_task("maze5", target="walls")
+
+
+# ---- training end to end (issue 3)
+
+def tiny_run_args(tmp_path, task="maze5", *extra):
+    return ["--task", task, "--n-train", "60", "--n-val", "12", "--n-test", "12", "--data-dir", str(tmp_path / "cache"),
+            "--d-model", "16", "--n-heads", "2", "--n-layers", "1", "--d-ctrl", "8", "--R", "2", "--T", "2",
+            "--segments", "2", "--batch-size", "4", "--max-steps", "2", "--eval-interval", "2", "--warmup", "1",
+            "--grad-steps", "1", "--no-progress", "--out-dir", str(tmp_path / "run"), *extra]
+
+
+@pytest.mark.parametrize("task", ["maze5", "sort6"])
+@pytest.mark.parametrize("controller", ["hrm", "poh", "none"])
+@pytest.mark.parametrize("grad", ["bptt", "tbptt"])
+def test_two_step_training_run_writes_config_checkpoint_log_and_test(tmp_path, task, controller, grad):
+    result = train.main(tiny_run_args(tmp_path, task, "--controller", controller, "--grad", grad))
+    run = tmp_path / "run"
+    config = json.loads((run / "config.json").read_text())
+    assert config["controller"] == controller and config["model"]["grad"] == grad
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["model_args"]["controller"] == controller
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["split"] for r in records] == ["train", "val", "test"]
+    keys = {"reach", "optimal", "exact", "cell_acc"} if task.startswith("maze") else {"tau", "elem_acc", "perfect"}
+    assert keys <= set(result) and result["n_test"] > 0
+    assert all(0.0 <= result[k] <= 1.0 for k in keys - {"tau"})
+    assert len(result["per_segment"]) == 2  # evaluation runs and scores every segment
+
+
+def test_save_then_resume_continues_from_the_saved_step(tmp_path):
+    train.main(tiny_run_args(tmp_path, "sort6"))
+    before = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    args = tiny_run_args(tmp_path, "sort6", "--resume")
+    args[args.index("--max-steps") + 1] = "4"
+    train.main(args)
+    after = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert after["step"] == 4
+    assert any(not torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+    # the data order continued where it stopped instead of replaying the first batches
+    assert not torch.equal(before["data_rng"], after["data_rng"])
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--task", "cifar10"], "valid tasks"),
+    (["--top-k", "3"], "--top-k 3 must be between 1 and --n-heads 2"),
+    (["--T", "0"], "--T must be >= 1"),
+    (["--R", "0"], "--R must be >= 1"),
+    (["--resume"], "no checkpoint"),
+])
+def test_bad_flags_give_one_line_errors(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exc:
+        train.main(tiny_run_args(tmp_path, "sort6") + extra)
+    text = str(exc.value.code) + capsys.readouterr().err
+    assert message in text and "Traceback" not in text
+
+
+def test_existing_output_folder_needs_resume(tmp_path):
+    train.main(tiny_run_args(tmp_path, "sort6"))
+    with pytest.raises(SystemExit, match="already holds a run"):
+        train.main(tiny_run_args(tmp_path, "sort6"))

@@ -1,0 +1,460 @@
+"""Tasks for hrm-poh: perfect mazes (maze-dataset, gen_dfs) and sorting under partial observability.
+
+Every task maps a grid of input tokens to one class per token and scores logits with its own metrics:
+  maze12   12x12 DFS maze, one token per cell = 4 open-side bits + 16 * role (0 plain, 1 start, 2 goal);
+           label = direction to the goal (N,E,S,W, 4 = goal) or on-path bit; scored by a greedy rollout.
+  sort12   12 distinct integers in [-100, 100), half hidden by a mask token; label = rank of each element;
+           scored by Kendall tau-a of a greedy assignment of the rank logits. sort12-visible hides nothing.
+
+    task = make_task("maze12")       # generates and caches 12,000 mazes in data_cache/ (about 2 min, once)
+    x, y = task.train_batch(64, torch.Generator().manual_seed(0))
+    x_val, y_val = task.split("val")
+    print(task.metrics(model(x_val), x_val, y_val))   # {"reach": ..., "optimal": ..., "exact": ..., "cell_acc": ...}
+
+Tests: python -m pytest -q test_data_part.py
+"""
+import os
+import random
+import re
+import tempfile
+import warnings
+from collections import deque
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+TASK_NAMES = ("maze8", "maze12", "maze16", "maze24", "sort12", "sort12-visible", "sort16", "sort20", "sort24")
+MOVES = ((-1, 0), (0, 1), (1, 0), (0, -1))  # N, E, S, W as (dr, dc): row grows southward, column eastward
+GOAL_CLASS = 4  # direction target: the goal cell has no move
+IGNORE = -100  # cross-entropy ignore index, for cells the goal cannot reach
+GENERATOR = "gen_dfs"
+CHUNK = 500  # mazes per maze-dataset call; part of the cached content, so bump CACHE_VERSION if it changes
+CACHE_VERSION = 2
+SORT_MASK = 200  # values -100..99 become tokens 0..199
+
+
+# Mazes: encoding, solving and scoring, one maze at a time unless said otherwise.
+
+def encode(open_sides, start, goal):
+    """(..., n, n, 4) open sides + (..., 2) start and goal -> (..., n*n) int64 tokens (batched or single)."""
+    o = np.asarray(open_sides, dtype=bool)
+    n = o.shape[-2]
+    bits = (o.astype(np.int64) << np.arange(4)).sum(-1)  # (..., n, n)
+    flat = bits.reshape(*bits.shape[:-2], n * n)
+    s, g = np.asarray(start), np.asarray(goal)
+    si, gi = s[..., 0] * n + s[..., 1], g[..., 0] * n + g[..., 1]
+    # one cell cannot carry both roles, and maze-dataset never draws start == goal
+    if np.any(si == gi):
+        raise ValueError("start and goal must differ")
+    role = np.zeros_like(flat)
+    np.put_along_axis(role, np.asarray(si)[..., None], 1, axis=-1)
+    np.put_along_axis(role, np.asarray(gi)[..., None], 2, axis=-1)
+    return flat + 16 * role
+
+
+def decode(tokens, n):
+    """(n*n,) tokens -> (open_sides (n, n, 4) bool, start (r, c), goal (r, c))."""
+    t = np.asarray(tokens, dtype=np.int64).reshape(n, n)
+    open_sides = ((t % 16)[..., None] >> np.arange(4)) & 1 == 1
+    start = tuple(int(v) for v in np.argwhere(t // 16 == 1)[0])
+    goal = tuple(int(v) for v in np.argwhere(t // 16 == 2)[0])
+    return open_sides, start, goal
+
+
+def direction_field(open_sides, dist):
+    """Move toward the goal per cell from BFS distances, batched: (..., n, n, 4), (..., n, n) -> (..., n, n)."""
+    n = dist.shape[-1]
+    pad = [(0, 0)] * (dist.ndim - 2) + [(1, 1), (1, 1)]
+    padded = np.pad(dist, pad, constant_values=-2)  # -2: off-grid neighbours never count as one step closer
+    y = np.full(dist.shape, IGNORE, dtype=np.int64)
+    # going from W back to N lets the lowest direction index win ties
+    for d in (3, 2, 1, 0):
+        dr, dc = MOVES[d]
+        nb = padded[..., 1 + dr:1 + dr + n, 1 + dc:1 + dc + n]
+        y[open_sides[..., d] & (dist > 0) & (nb == dist - 1)] = d
+    y[dist == 0] = GOAL_CLASS
+    return y
+
+
+def solve(open_sides, start, goal):
+    """BFS from the goal: dist (n, n) in moves (-1 if unreachable) and the shortest path start..goal as cells.
+
+    The path follows direction_field(), so among equally short moves it takes the lowest direction index, like
+    the labels; DFS mazes are trees and have one shortest path, but BFS keeps mazes with loops right too."""
+    n = open_sides.shape[0]
+    opened = np.asarray(open_sides, dtype=bool).tolist()  # nested lists: much faster to index in a Python loop
+    dist = [[-1] * n for _ in range(n)]
+    dist[goal[0]][goal[1]] = 0
+    queue = deque([tuple(goal)])
+    while queue:
+        r, c = queue.popleft()
+        for d, (dr, dc) in enumerate(MOVES):
+            nr, nc = r + dr, c + dc
+            if opened[r][c][d] and 0 <= nr < n and 0 <= nc < n and dist[nr][nc] < 0:
+                dist[nr][nc] = dist[r][c] + 1
+                queue.append((nr, nc))
+    dist = np.array(dist, dtype=np.int64)
+    field, path, cur = direction_field(np.asarray(open_sides, dtype=bool), dist), [], tuple(start)
+    while dist[cur] >= 0:  # an unreachable start gives an empty path
+        path.append(cur)
+        if dist[cur] == 0:
+            break
+        cur = (cur[0] + MOVES[field[cur]][0], cur[1] + MOVES[field[cur]][1])
+    return dist, path
+
+
+def batch_labels(open_sides, start, dist, target="direction"):
+    """(B, n*n) labels of B mazes from their BFS distances; labels() for one maze."""
+    field = direction_field(open_sides, dist)
+    B, n = dist.shape[:2]
+    if target == "path":
+        # walk the field from every start at once, marking cells until all walks sit on their goal
+        on_path = np.zeros(field.shape, dtype=bool)
+        rows, r, c = np.arange(B), start[:, 0].copy(), start[:, 1].copy()
+        step = np.array(MOVES + ((0, 0),))  # class 4 (goal) stays put
+        for _ in range(n * n):
+            on_path[rows, r, c] = True
+            d = field[rows, r, c]
+            d[d < 0] = GOAL_CLASS  # a start the goal cannot reach stays put too
+            if (d == GOAL_CLASS).all():
+                break
+            r, c = r + step[d, 0], c + step[d, 1]
+        field = np.where(dist >= 0, on_path, IGNORE)
+    elif target != "direction":
+        raise ValueError(f"unknown target {target!r}; use 'direction' or 'path'")
+    return field.reshape(B, n * n)
+
+
+def labels(open_sides, start, goal, target="direction"):
+    """Per-cell classes (n*n,) int64: the move toward the goal (direction) or the on-path bit (path)."""
+    dist, _ = solve(open_sides, start, goal)
+    return batch_labels(np.asarray(open_sides)[None], np.asarray(start)[None], dist[None], target)[0]
+
+
+def rollout(scores, open_sides, start, goal, target="direction"):
+    """Greedy decoded path from the start: best-scored unvisited open neighbour, ties in N,E,S,W order.
+
+    direction: the score at the current cell of the move toward the neighbour; path: the neighbour's
+    on-path log-odds scores[nb, 1] - scores[nb, 0]. Stops at the goal, at a dead end, or after n*n moves."""
+    n = open_sides.shape[0]
+    opened = np.asarray(open_sides, dtype=bool).tolist()
+    cur, goal = tuple(start), tuple(goal)
+    path, seen = [cur], {cur}
+    for _ in range(n * n):
+        if cur == goal:
+            break
+        best, best_score = None, None
+        for d, (dr, dc) in enumerate(MOVES):
+            nxt = (cur[0] + dr, cur[1] + dc)
+            if not opened[cur[0]][cur[1]][d] or nxt in seen or not (0 <= nxt[0] < n and 0 <= nxt[1] < n):
+                continue
+            i = nxt[0] * n + nxt[1]
+            s = scores[cur[0] * n + cur[1], d] if target == "direction" else scores[i, 1] - scores[i, 0]
+            if best is None or s > best_score:  # strict: an equal later score keeps the earlier direction
+                best, best_score = nxt, s
+        if best is None:  # dead end: the caller sees that the path stops short of the goal
+            break
+        cur = best
+        path.append(cur)
+        seen.add(cur)
+    return path
+
+
+def symmetry(open_sides, start, goal, k):
+    """Square symmetry k in 0..7: k % 4 clockwise quarter turns, then a transpose when k >= 4.
+
+    Moves the grid and permutes the direction axis with it; works on one maze or a batch (..., n, n, 4)."""
+    o = np.asarray(open_sides)
+    n = o.shape[-2]
+    s, g = np.asarray(start), np.asarray(goal)
+    for _ in range(k % 4):
+        # cell (r, c) goes to (c, n-1-r) and direction d to d+1 (N->E, E->S, S->W, W->N)
+        o = np.roll(np.rot90(o, -1, axes=(-3, -2)), 1, axis=-1)
+        s, g = (np.stack([p[..., 1], n - 1 - p[..., 0]], -1) for p in (s, g))
+    if k >= 4:
+        # transpose: (r, c) -> (c, r), which swaps N<->W and E<->S, i.e. d -> 3 - d
+        o = np.swapaxes(o, -3, -2)[..., ::-1]
+        s, g = s[..., ::-1], g[..., ::-1]
+    o = np.ascontiguousarray(o)
+    if s.ndim == 1:
+        return o, (int(s[0]), int(s[1])), (int(g[0]), int(g[1]))
+    return o, np.ascontiguousarray(s), np.ascontiguousarray(g)
+
+
+def canonical_keys(open_sides, start, goal):
+    """One bytes key per maze of a batch, equal for mazes that are symmetric images of each other."""
+    forms = [encode(*symmetry(open_sides, start, goal, k)).astype(np.uint8) for k in range(8)]
+    return [min(f[i].tobytes() for f in forms) for i in range(len(forms[0]))]
+
+
+def maze_metrics(logits, x, y):
+    """reach / optimal / exact of the greedy rollout and per-cell accuracy, means over the batch.
+
+    Needs nothing but its arguments, so it scores mazes of any size; the target is read from the class count."""
+    scores = logits.detach().float().cpu().numpy()
+    x, y = x.cpu().numpy(), y.cpu().numpy()
+    B, N, C = scores.shape
+    n = int(round(N ** 0.5))
+    if C not in (5, 2):
+        raise ValueError(f"maze logits need 5 (direction) or 2 (path) classes, got {C}")
+    target = "direction" if C == 5 else "path"
+    out = {"reach": 0.0, "optimal": 0.0, "exact": 0.0, "cell_acc": 0.0}
+    for b in range(B):
+        open_sides, start, goal = decode(x[b], n)
+        _, best = solve(open_sides, start, goal)  # the path labels() used for y
+        path = rollout(scores[b], open_sides, start, goal, target)
+        reached = path[-1] == goal
+        out["reach"] += reached
+        out["optimal"] += reached and len(path) == len(best)
+        out["exact"] += path == best
+        known = y[b] != IGNORE
+        out["cell_acc"] += float((scores[b].argmax(-1) == y[b])[known].mean())
+    return {k: float(v) / B for k, v in out.items()}
+
+
+# Mazes: generation, caching and the task.
+
+@contextmanager
+def preserved_global_rngs():
+    """MazeDatasetConfig reseeds Python's and NumPy's global RNGs; give the caller theirs (and torch's) back."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+def maze_dataset_chunk(n, count, seed):
+    """`count` SolvedMazes from maze-dataset, serial (the parallel path is not reproducible), nothing saved."""
+    # imported here: it takes about 2 s and the sorting tasks never need it
+    from maze_dataset import LatticeMazeGenerators, MazeDataset, MazeDatasetConfig
+    with preserved_global_rngs(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it warns whenever the seed differs from its global default
+        cfg = MazeDatasetConfig(name="hrm-poh", grid_n=n, n_mazes=count, seed=seed,
+                                maze_ctor=getattr(LatticeMazeGenerators, GENERATOR))
+        ds = MazeDataset.from_config(cfg, do_generate=True, load_local=False, save_local=False,
+                                     do_download=False, gen_parallel=False, verbose=False)
+    return list(ds.mazes)
+
+
+def from_solved(maze):
+    """SolvedMaze -> (open_sides, start, goal).
+
+    connection_list[0][r, c] joins (r, c) to (r+1, c) and [1][r, c] joins (r, c) to (r, c+1)."""
+    down, right = np.asarray(maze.connection_list, dtype=bool)
+    o = np.zeros((*down.shape, 4), dtype=bool)
+    o[:-1, :, 2] = o[1:, :, 0] = down[:-1]  # S of the upper cell, N of the lower one
+    o[:, :-1, 1] = o[:, 1:, 3] = right[:, :-1]  # E of the left cell, W of the right one
+    return o, tuple(int(v) for v in maze.start_pos), tuple(int(v) for v in maze.end_pos)
+
+
+def pool_shapes(n, count):
+    return {"open": (count, n, n, 4), "start": (count, 2), "goal": (count, 2), "plen": (count,),
+            "dist": (count, n, n)}
+
+
+def generate_mazes(n, count, seed, progress=False):
+    """A pool of `count` n x n mazes as arrays; identical for the same (n, count, seed), prefixes shared.
+
+    Chunk i uses a seed derived from (seed, i), so a bar can show progress and a pool of 2,000 is the first
+    2,000 of a pool of 10,000 with the same seed."""
+    pool = {"open": [], "start": [], "goal": [], "plen": [], "dist": []}
+    with tqdm(total=count, desc=f"maze{n} seed {seed}", unit="maze", disable=not progress) as bar:
+        for i, lo in enumerate(range(0, count, CHUNK)):
+            chunk_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+            for m in maze_dataset_chunk(n, min(CHUNK, count - lo), chunk_seed):
+                o, s, g = from_solved(m)
+                dist, path = solve(o, s, g)
+                for key, v in zip(pool, (o, s, g, len(path), dist)):
+                    pool[key].append(v)
+                bar.update(1)
+    # dist (int16 holds any n <= 64) lets a batch be labelled without a BFS per maze
+    types = {"open": bool, "start": np.int64, "goal": np.int64, "plen": np.int64, "dist": np.int16}
+    return {k: np.array(v, dtype=types[k]).reshape(-1, *pool_shapes(n, 0)[k][1:]) for k, v in pool.items()}
+
+
+def load_mazes(n, count, seed, cache_dir="data_cache", progress=True):
+    """generate_mazes() through an .npz cache named by the full config; a bad file is reported and rebuilt."""
+    path = os.path.join(cache_dir, f"maze_g{n}_n{count}_seed{seed}_{GENERATOR}_v{CACHE_VERSION}.npz")
+    shapes = pool_shapes(n, count)
+    if os.path.exists(path):
+        try:
+            with np.load(path) as f:
+                pool = {k: f[k] for k in shapes}
+            if any(pool[k].shape != shapes[k] for k in shapes):
+                raise ValueError("arrays have the wrong shapes")
+            return pool
+        except Exception as e:  # any unreadable file: regenerate rather than train on garbage
+            print(f"cache file {path} is unusable ({type(e).__name__}: {e}); regenerating")
+    pool = generate_mazes(n, count, seed, progress)
+    os.makedirs(cache_dir, exist_ok=True)
+    # write then rename, so an interrupted run never leaves a half-written file under the real name
+    with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".tmp", delete=False) as tmp:
+        np.savez(tmp, **pool)
+    os.replace(tmp.name, path)
+    return pool
+
+
+def drop_overlap(pool, seen_keys, what="held-out"):
+    """Remove the mazes of `pool` whose canonical form is in `seen_keys`; returns (pool, dropped count)."""
+    keep = np.array([k not in seen_keys for k in canonical_keys(pool["open"], pool["start"], pool["goal"])],
+                    dtype=bool).reshape(-1)
+    dropped = int((~keep).sum())
+    if dropped:
+        print(f"{what}: dropped {dropped} of {len(keep)} mazes that are symmetric copies of earlier sets")
+    return {k: v[keep] for k, v in pool.items()}, dropped
+
+
+class MazeTask:
+    """Mazes of one size: a cached training pool sampled with symmetries, and fixed val / test sets."""
+
+    def __init__(self, name, n, *, seed=0, n_train=10000, n_val=1000, n_test=1000, cache_dir="data_cache",
+                 target="direction", augment=True, progress=True):
+        if target not in ("direction", "path"):
+            raise ValueError(f"unknown target {target!r}; use 'direction' or 'path'")
+        self.name, self.n, self.target, self.augment = name, n, target, augment
+        self.vocab_size, self.n_classes = 48, 5 if target == "direction" else 2
+        self.grid, self.seq_len = (n, n), n * n
+        # three seeds per task seed: the sets come from disjoint random streams
+        self.pools = {s: load_mazes(n, count, 3 * seed + i, cache_dir, progress)
+                      for i, (s, count) in enumerate((("train", n_train), ("val", n_val), ("test", n_test)))}
+        # and are made disjoint for real, symmetries included (only tiny grids ever repeat a maze)
+        seen = set(canonical_keys(*(self.pools["train"][k] for k in ("open", "start", "goal"))))
+        for s in ("val", "test"):
+            self.pools[s], _ = drop_overlap(self.pools[s], seen, f"{name} {s}")
+            keys = canonical_keys(*(self.pools[s][k] for k in ("open", "start", "goal")))
+            assert seen.isdisjoint(keys)
+            seen.update(keys)
+        self.splits = {s: self._encode_pool(self.pools[s], np.zeros(len(self.pools[s]["plen"]), dtype=int))
+                       for s in ("val", "test")}
+
+    def _encode_pool(self, pool, ks):
+        """Inputs and labels of a pool after applying symmetry ks[i] to maze i."""
+        o, s, g, dist = (pool[k].copy() for k in ("open", "start", "goal", "dist"))
+        for k in range(1, 8):
+            sel = ks == k
+            if sel.any():
+                # distances move with their cells; a size-1 direction axis makes symmetry() do just that
+                dist[sel] = symmetry(dist[sel][..., None], s[sel], g[sel], k)[0][..., 0]
+                o[sel], s[sel], g[sel] = symmetry(o[sel], s[sel], g[sel], k)
+        x = encode(o, s, g).reshape(-1, self.seq_len)
+        # labels are derived from the transformed maze, so inputs and targets always agree
+        return torch.from_numpy(x), torch.from_numpy(batch_labels(o, s, dist, self.target))
+
+    def train_batch(self, batch_size, gen, min_path_len=0, max_path_len=None):
+        """B training mazes drawn with replacement (randomness only from gen), with min_path_len <= path length
+        <= max_path_len (the curriculum filters the cached pool instead of generating on the fly)."""
+        plen = self.pools["train"]["plen"]
+        upper = plen.max() if max_path_len is None else max_path_len
+        allowed = np.flatnonzero((plen >= min_path_len) & (plen <= upper))
+        if len(allowed) == 0:  # curriculum asked for what the pool lacks: use the mazes closest to the bounds
+            allowed = np.flatnonzero(plen == (plen.max() if min_path_len > plen.max() else plen.min()))
+        idx = allowed[torch.randint(len(allowed), (batch_size,), generator=gen).numpy()]
+        ks = torch.randint(8, (batch_size,), generator=gen).numpy() if self.augment else np.zeros(batch_size, int)
+        return self._encode_pool({k: v[idx] for k, v in self.pools["train"].items()}, ks)
+
+    def split(self, name):
+        if name not in self.splits:
+            raise ValueError(f"unknown split {name!r}; use 'val' or 'test'")
+        return self.splits[name]
+
+    def metrics(self, logits, x, y):
+        return maze_metrics(logits, x, y)
+
+
+# Sorting under partial observability.
+
+def greedy_ranks(logits):
+    """(B, L, L) position x rank logits -> (B, L) ranks: take the best pair whose row and column are free, repeat."""
+    B, L, _ = logits.shape
+    s = torch.nan_to_num(logits.detach().float().cpu(), nan=-1e30, posinf=1e30, neginf=-1e30)
+    ranks = torch.empty(B, L, dtype=torch.long)
+    rows = torch.arange(B)
+    for _ in range(L):
+        flat = s.reshape(B, L * L).argmax(1)  # first maximum: ties go to the lower position, then lower rank
+        pos, rank = flat // L, flat % L
+        ranks[rows, pos] = rank
+        s[rows, pos, :] = float("-inf")  # free pairs stay finite, so a used row or column is never picked
+        s[rows, :, rank] = float("-inf")
+    return ranks
+
+
+def rank_metrics(pred, true):
+    """Kendall tau-a, per-element accuracy and perfect-sort rate of (B, L) ranks, means over the batch."""
+    L = true.shape[1]
+    agree = torch.sign(pred[:, :, None] - pred[:, None, :]) * torch.sign(true[:, :, None] - true[:, None, :])
+    tau = agree.float().sum((1, 2)) / (L * (L - 1))  # the full matrix counts every pair twice
+    right = (pred == true).float()
+    return {"tau": tau.mean().item(), "elem_acc": right.mean().item(), "perfect": right.min(1).values.mean().item()}
+
+
+def reference_ranks(x, fill="mean"):
+    """The simple reference: visible values in order, hidden ones at the mean visible value, ties by position.
+
+    DESIGN.md puts hidden values at 0; the issue asks for the mean. They score about the same: on 10,000 sort12
+    test arrays tau-a is 0.484 with the mean and 0.501 with 0 (fill="zero"), as the noisy mean of six values
+    is a worse guess of a hidden value than the middle of the range."""
+    x = x.cpu()
+    hidden = x == SORT_MASK
+    vals = (x - 100).float().masked_fill(hidden, 0.0)
+    if fill == "mean":
+        centre = vals.sum(1) / (~hidden).sum(1).clamp(min=1)
+    elif fill == "zero":
+        centre = torch.zeros(x.shape[0])
+    else:
+        raise ValueError(f"unknown fill {fill!r}; use 'mean' or 'zero'")
+    key = torch.where(hidden, centre[:, None], vals)
+    order = torch.argsort(key, dim=1, stable=True)  # stable: equal keys keep position order
+    return torch.argsort(order, dim=1)
+
+
+class SortTask:
+    """Rank L distinct integers with half of them hidden; training arrays are fresh from the caller's generator."""
+
+    def __init__(self, name, L, *, hidden=True, seed=0, n_val=2000, n_test=10000):
+        self.name, self.L, self.n_hidden = name, L, L // 2 if hidden else 0
+        self.vocab_size, self.n_classes = SORT_MASK + 1, L
+        self.grid, self.seq_len = (1, L), L
+        # fixed seeds far from small run seeds, so a training generator seeded 0, 1, ... never replays them
+        self.splits = {s: self.train_batch(count, torch.Generator().manual_seed(10**9 + 2 * seed + i))
+                       for i, (s, count) in enumerate((("val", n_val), ("test", n_test)))}
+
+    def train_batch(self, batch_size, gen, min_path_len=0):
+        """Fresh arrays drawn from gen; min_path_len is the maze curriculum, accepted for one interface."""
+        B, L = batch_size, self.L
+        # the first L of a random permutation of the 200 values: distinct, uniform without replacement
+        values = torch.rand(B, 2 * 100, generator=gen).argsort(1)[:, :L] - 100
+        hide = torch.rand(B, L, generator=gen).argsort(1)[:, :self.n_hidden]
+        x = (values + 100).scatter(1, hide, SORT_MASK)
+        y = values.argsort(1).argsort(1)  # rank among all L values, 0 = smallest
+        return x, y
+
+    def split(self, name):
+        if name not in self.splits:
+            raise ValueError(f"unknown split {name!r}; use 'val' or 'test'")
+        return self.splits[name]
+
+    def metrics(self, logits, x, y):
+        return rank_metrics(greedy_ranks(logits), y.cpu())
+
+    def reference_metrics(self, x, y, fill="mean"):
+        return rank_metrics(reference_ranks(x, fill), y.cpu())
+
+
+def make_task(name, *, seed=0, n_train=None, n_val=None, n_test=None, cache_dir="data_cache",
+              target="direction", augment=True, progress=True):
+    """Build a task by name: mazeN (3 <= N <= 64), sortN or sortN-visible (2 <= N <= 64)."""
+    maze, sort = re.fullmatch(r"maze(\d+)", name), re.fullmatch(r"sort(\d+)(-visible)?", name)
+    if maze and 3 <= int(maze[1]) <= 64:
+        sizes = {k: v for k, v in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)) if v is not None}
+        return MazeTask(name, int(maze[1]), seed=seed, cache_dir=cache_dir, target=target, augment=augment,
+                        progress=progress, **sizes)
+    if sort and 2 <= int(sort[1]) <= 64:
+        sizes = {k: v for k, v in (("n_val", n_val), ("n_test", n_test)) if v is not None}
+        return SortTask(name, int(sort[1]), hidden=sort[2] is None, seed=seed, **sizes)
+    raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASK_NAMES)} "
+                     "(or any mazeN with 3 <= N <= 64, sortN / sortN-visible with 2 <= N <= 64)")

@@ -1,0 +1,398 @@
+"""
+Train a recurrent PoH model on a maze or sorting task, evaluate it, and save the run.
+
+    python train.py --task maze12 --controller hrm            # CPU, CUDA or MPS, picked automatically
+    python train.py --task sort12 --controller hrm
+    python train.py --task maze12 --out-dir runs/m --resume   # continue an interrupted run
+    torchrun --standalone --nproc_per_node=2 train.py --task sort12   # several processes (gloo on CPU, nccl on CUDA)
+
+A run leaves in --out-dir: config.json (every resolved flag), ckpt.pt (latest state, for --resume), best.pt (the
+weights with the best validation score), metrics.jsonl (one JSON object per log line) and test.json (the test
+metrics of the best checkpoint, measured once at the end).
+
+Each batch is run for --segments segments of R inner steps (HRM-style deep supervision): after each segment the
+loss is backpropagated and the optimizer steps, and the state (h, z_L, z_H) carries over, detached. The step
+counter, LR schedule and EMA count optimizer steps.
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data import TASK_NAMES, make_task
+from hrm_controller import anneal, temperature_at
+from model import ModelConfig, PoHModel
+
+# Per-task defaults for the flags left unset (None) on the command line: the recipes.
+RECIPES = {
+    "maze": dict(d_model=128, n_heads=4, n_layers=2, attn="local", R=8, T=2, grad="tbptt", grad_steps=2,
+                 supervise="last", segments=8, batch_size=64, lr=1e-3, max_steps=1500, eval_interval=100,
+                 n_val=500, curriculum_steps=500),
+    "sort": dict(d_model=128, n_heads=4, n_layers=2, attn="global", R=4, T=2, grad="bptt", grad_steps=2,
+                 supervise="all", segments=1, batch_size=128, lr=1e-3, max_steps=2000, eval_interval=200,
+                 n_val=2000, curriculum_steps=0),
+}
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Train a recurrent Pointer-over-Heads model (see README.md).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("task")
+    g.add_argument("--task", default="maze12", help=f"one of {', '.join(TASK_NAMES)} (any mazeN / sortN works)")
+    g.add_argument("--target", default="direction", choices=["direction", "path"],
+                   help="maze labels: the move toward the goal per cell, or on-path/off-path per cell")
+    g.add_argument("--n-train", type=int, default=None, help="training mazes in the pool (default: the task's)")
+    g.add_argument("--n-val", type=int, default=None, help="validation items used for checkpoint selection")
+    g.add_argument("--n-test", type=int, default=None, help="test items, measured once at the end (>= 1000)")
+    g.add_argument("--data-dir", default="data_cache", help="where generated maze sets are cached")
+    g.add_argument("--no-augment", action="store_true", help="do not apply the 8 square symmetries to mazes")
+    g.add_argument("--curriculum-steps", type=int, default=None,
+                   help="mazes: over this many optimizer steps the longest allowed path grows from short to any")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--d-model", type=int, default=None, help="token width")
+    g.add_argument("--n-heads", type=int, default=None, help="attention heads (the units routed)")
+    g.add_argument("--n-layers", type=int, default=None, help="PoH blocks applied at every inner step")
+    g.add_argument("--attn", default=None, choices=["global", "local"], help="local = self + 4 grid neighbours")
+    g.add_argument("--pos", default="rope2d", choices=["rope2d", "none"], help="positional scheme")
+
+    g = p.add_argument_group("controller")
+    g.add_argument("--controller", default="hrm", choices=["hrm", "poh", "none"],
+                   help="hrm: two-timescale GRUs; poh: one GRU; none: uniform head weights, no controller")
+    g.add_argument("--R", type=int, default=None, help="inner refinement steps per segment")
+    g.add_argument("--T", type=int, default=None, help="slow module f_H updates when t %% T == 0")
+    g.add_argument("--top-k", type=int, default=2, help="heads kept per token")
+    g.add_argument("--d-ctrl", type=int, default=16, help="controller GRU width")
+    g.add_argument("--temp-start", type=float, default=2.0, help="router temperature at step 0")
+    g.add_argument("--temp-end", type=float, default=1.0, help="router temperature at the last step (linear)")
+    g.add_argument("--temp-floor", type=float, default=0.0, help="the temperature never goes below this")
+    g.add_argument("--entropy-weight", type=float, default=0.0,
+                   help="weight of the routing entropy in the loss: positive penalises entropy (sharper routing), "
+                        "negative rewards it")
+    g.add_argument("--entropy-anneal", action="store_true", help="anneal the entropy weight linearly to zero")
+    g.add_argument("--hard-route", action="store_true", help="hard top-k routing with straight-through gradient")
+    g.add_argument("--h-gate", default="fixed", choices=["fixed", "learned"], help="z_H update: every T steps, "
+                   "or a learned sigmoid gate at every step")
+    g.add_argument("--reset-controller", action="store_true",
+                   help="zero z_L/z_H at the start of every segment instead of carrying them")
+    g.add_argument("--lr-controller", type=float, default=None, help="separate learning rate for the controller")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--grad", default=None, choices=["bptt", "tbptt"], help="full or truncated backprop over R")
+    g.add_argument("--grad-steps", type=int, default=None, help="tbptt: inner steps that carry gradient")
+    g.add_argument("--supervise", default=None, help="task loss on inner steps: last, all or every-K")
+    g.add_argument("--segments", type=int, default=None, help="segments per batch, one optimizer step each")
+    g.add_argument("--ponder-weight", type=float, default=0.0, help="> 0: learned halting (PonderNet) with this KL weight")
+    g.add_argument("--ponder-prior", type=float, default=0.5, help="per-step halting probability of the prior")
+    g.add_argument("--batch-size", type=int, default=None, help="global batch size (split over processes)")
+    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
+    g.add_argument("--min-lr-frac", type=float, default=0.1, help="the cosine ends at this fraction of the peak")
+    g.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on 2-D tensors")
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
+    g.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0: off); evaluation uses EMA")
+
+    g = p.add_argument_group("evaluation and system")
+    g.add_argument("--eval-interval", type=int, default=None, help="evaluate and save every this many steps")
+    g.add_argument("--eval-batch-size", type=int, default=256, help="batch size for evaluation")
+    g.add_argument("--eval-steps", type=int, default=None, help="inner steps per segment at evaluation (default R)")
+    g.add_argument("--seed", type=int, default=0, help="seeds the model init and the training data order")
+    g.add_argument("--data-seed", type=int, default=0, help="seeds the maze pools and the val/test sets (keep it "
+                   "fixed across run seeds so every run is tested on the same items)")
+    g.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--out-dir", default=None, help="output folder (default runs/<task>-<controller>-s<seed>)")
+    g.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    return p
+
+
+def task_kind(name):
+    return "sort" if name.startswith("sort") else "maze"
+
+
+def resolve_args(argv=None):
+    """Parse argv, fill the task's recipe for unset flags, and check everything; bad input -> one-line error."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    for key, value in RECIPES[task_kind(args.task)].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.out_dir is None:
+        args.out_dir = os.path.join("runs", f"{args.task}-{args.controller}-s{args.seed}")
+    for ok, msg in [(args.R >= 1, f"--R must be >= 1, got {args.R}"), (args.T >= 1, f"--T must be >= 1, got {args.T}"),
+                    (1 <= args.top_k <= args.n_heads, f"--top-k {args.top_k} must be between 1 and --n-heads {args.n_heads}"),
+                    (args.segments >= 1, "--segments must be >= 1"), (args.max_steps >= 1, "--max-steps must be >= 1"),
+                    (args.batch_size >= 1, "--batch-size must be >= 1")]:
+        if not ok:
+            parser.error(msg)
+    return args
+
+
+def model_config(args, task):
+    return ModelConfig(
+        vocab_size=task.vocab_size, n_classes=task.n_classes, d_model=args.d_model, n_heads=args.n_heads,
+        n_layers=args.n_layers, pos=args.pos, attn=args.attn, R=args.R, controller=args.controller,
+        d_ctrl=args.d_ctrl, T=args.T, top_k=args.top_k, hard_route=args.hard_route, h_gate=args.h_gate,
+        reset_controller=args.reset_controller, grad=args.grad, grad_steps=args.grad_steps, supervise=args.supervise,
+        ponder_weight=args.ponder_weight, ponder_prior=args.ponder_prior, label_smoothing=args.label_smoothing)
+
+
+def pick_device(name="auto"):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load one of our checkpoints: returns (model, ckpt dict). Clear errors for missing or foreign files."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # truncated, corrupt or not a torch file at all
+        raise ValueError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise ValueError(f"{path} is not an hrm-poh checkpoint (no model / model_args)")
+    model = PoHModel(ModelConfig(**ckpt["model_args"]), verbose=False)
+    model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
+    return model.to(device), ckpt
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file in the same folder, then rename: a kill mid-save never corrupts `path`."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def lr_at(step, args):
+    """Linear warmup, then cosine down to min_lr_frac of the peak; a multiplier on each group's base LR."""
+    if step < args.warmup:
+        return (step + 1) / args.warmup
+    frac = (step - args.warmup) / max(1, args.max_steps - args.warmup)
+    return args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+def curriculum_at(step, args, task):
+    """Maze curriculum: the longest allowed shortest path grows linearly from 1/12 of the cells to no limit
+    over --curriculum-steps optimizer steps, so training starts on short, easy paths."""
+    if task_kind(args.task) != "maze" or step >= args.curriculum_steps:
+        return {}
+    return {"max_path_len": int(anneal(task.seq_len // 12, task.seq_len, step / args.curriculum_steps))}
+
+
+@torch.no_grad()
+def evaluate(model, task, x, y, segments, n_steps=None, temperature=1.0, batch_size=256, device="cpu", amp=None):
+    """Run `segments` segments over (x, y) and score each one. Returns a list of metric dicts, one per segment
+    (each with the mean inner steps used), averaged over all items."""
+    model.eval()
+    totals = [dict() for _ in range(segments)]
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        state = None
+        for s in range(segments):
+            with amp or nullcontext():
+                out = model(xb, state=state, temperature=temperature, grid=task.grid, n_steps=n_steps)
+            state = out["state"]
+            scores = task.metrics(out["logits"], xb, yb)
+            scores["steps_used"] = float(out["parts"]["steps_used"])
+            for k, v in scores.items():
+                totals[s][k] = totals[s].get(k, 0.0) + v * len(xb)
+    model.train()
+    return [{k: v / len(x) for k, v in t.items()} for t in totals]
+
+
+def main(argv=None):
+    args = resolve_args(argv)
+    # one device block: torchrun sets RANK; otherwise CUDA, then MPS, then CPU
+    ddp = "RANK" in os.environ
+    if ddp:
+        rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+        use_cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+    else:
+        rank, world = 0, 1
+        device = pick_device(args.device)
+    master = rank == 0
+
+    def print0(*a, **kw):
+        if master:
+            print(*a, **kw, flush=True)
+
+    if args.batch_size % world:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    if master and not args.resume and os.path.exists(os.path.join(args.out_dir, "config.json")):
+        raise SystemExit(f"error: {args.out_dir} already holds a run; pass --resume to continue it or pick "
+                         f"another --out-dir")
+    if args.resume and not os.path.isfile(ckpt_path):
+        raise SystemExit(f"error: --resume given but there is no checkpoint at {ckpt_path}")
+
+    torch.manual_seed(args.seed)
+    try:
+        task = make_task(args.task, seed=args.data_seed, n_train=args.n_train, n_val=args.n_val,
+                         n_test=args.n_test, cache_dir=args.data_dir, target=args.target,
+                         augment=not args.no_augment, progress=master and not args.no_progress)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    cfg = model_config(args, task)
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    model = PoHModel(cfg, verbose=master).to(device)
+    optimizer = model.configure_optimizers(args.lr, args.weight_decay, lr_controller=args.lr_controller,
+                                           verbose=master)
+    ema = copy.deepcopy(model).requires_grad_(False) if args.ema > 0 else None
+    gen = torch.Generator().manual_seed(args.seed)  # the data order: every rank draws the same global batch
+    step, best = 0, -float("inf")
+    if args.resume:
+        try:
+            _, ckpt = load_checkpoint(ckpt_path)
+        except (ValueError, FileNotFoundError) as exc:
+            raise SystemExit(f"error: {exc}") from None
+        if ckpt["model_args"] != asdict(cfg):
+            diff = {k: (v, asdict(cfg)[k]) for k, v in ckpt["model_args"].items() if asdict(cfg).get(k) != v}
+            raise SystemExit(f"error: checkpoint model differs from the flags (saved, flags): {diff}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
+        gen.set_state(ckpt["data_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        step, best = ckpt["step"], ckpt["best_val"]
+        print0(f"resumed from {ckpt_path} at step {step}")
+    raw_model = model  # saved and evaluated; the wrapped one trains
+    if args.compile:
+        model = torch.compile(model)
+    if ddp:
+        unused = args.controller == "hrm" and args.grad == "tbptt" and args.grad_steps < args.T
+        model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused)
+
+    if master:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+            json.dump({**vars(args), "model": asdict(cfg), "world_size": world, "device": str(device)}, f, indent=2)
+    log_file = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if master else None
+
+    def log(record):
+        if log_file:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+    def checkpoint():
+        save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": asdict(cfg),
+                     "ema": ema.state_dict() if ema is not None else None, "step": step, "best_val": best,
+                     "data_rng": gen.get_state(), "torch_rng": torch.get_rng_state(), "config": vars(args)}, ckpt_path)
+
+    select = "optimal" if task_kind(args.task) == "maze" else "tau"
+    x_val, y_val = task.split("val")
+    eval_kw = dict(segments=args.segments, n_steps=args.eval_steps, batch_size=args.eval_batch_size,
+                   device=device, amp=amp, temperature=temperature_at(1.0, args.temp_start, args.temp_end,
+                                                                        args.temp_floor))
+    bar = tqdm(total=args.max_steps, initial=step, disable=not master or args.no_progress, dynamic_ncols=True)
+    next_eval = (step // args.eval_interval + 1) * args.eval_interval
+    t_last, n_last = time.time(), 0
+    try:
+        while step < args.max_steps:
+            x, y = task.train_batch(args.batch_size, gen, **curriculum_at(step, args, task))
+            per = args.batch_size // world
+            x, y = x[rank * per:(rank + 1) * per].to(device), y[rank * per:(rank + 1) * per].to(device)
+            state = None
+            for _ in range(args.segments):
+                if step >= args.max_steps:
+                    break
+                frac = step / args.max_steps
+                for group in optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * lr_at(step, args)
+                temperature = temperature_at(frac, args.temp_start, args.temp_end, args.temp_floor)
+                ew = anneal(args.entropy_weight, 0.0, frac) if args.entropy_anneal else args.entropy_weight
+                with amp or nullcontext():
+                    out = model(x, y, state=state, temperature=temperature, entropy_weight=ew, grid=task.grid)
+                loss = out["loss"]
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if args.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+                optimizer.step()
+                if ema is not None:
+                    with torch.no_grad():
+                        for pe, pm in zip(ema.parameters(), raw_model.parameters()):
+                            pe.lerp_(pm, 1 - args.ema)
+                state = out["state"]
+                step += 1
+                n_last += len(x) * world
+                bar.update(1)
+            parts = {k: float(v.detach()) for k, v in out["parts"].items() if k != "halt_p"}
+            rate = n_last / max(time.time() - t_last, 1e-9)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}",
+                            ent=f"{parts['entropy']:.3f}", sps=f"{rate:.0f}")
+            log({"step": step, "split": "train", "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
+                 "temperature": temperature, "samples_per_s": rate, **parts})
+            if step >= next_eval or step >= args.max_steps:
+                next_eval += args.eval_interval
+                t_last, n_last = time.time(), 0
+                if master:
+                    per_seg = evaluate(ema or raw_model, task, x_val, y_val, **eval_kw)
+                    final = per_seg[-1]
+                    log({"step": step, "split": "val", **final, "per_segment": per_seg})
+                    bar.write(f"step {step}: val " + " ".join(f"{k} {v:.4f}" for k, v in final.items()))
+                    if final[select] > best:
+                        best = final[select]
+                        save_atomic({"model": (ema or raw_model).state_dict(), "model_args": asdict(cfg),
+                                     "step": step, "best_val": best, "config": vars(args)},
+                                    os.path.join(args.out_dir, "best.pt"))
+                    checkpoint()
+    except KeyboardInterrupt:
+        if master:
+            checkpoint()
+            print0(f"\ninterrupted: saved {ckpt_path} at step {step}; continue with --resume")
+        raise SystemExit(130)
+    except FloatingPointError as exc:
+        raise SystemExit(f"error: {exc}; the last good checkpoint is {ckpt_path}") from None
+    finally:
+        bar.close()
+
+    result = {}
+    if master:
+        best_model, best_ckpt = load_checkpoint(os.path.join(args.out_dir, "best.pt"), device)
+        x_test, y_test = task.split("test")
+        per_seg = evaluate(best_model, task, x_test, y_test, **eval_kw)
+        result = {"step": best_ckpt["step"], "n_test": len(x_test), **per_seg[-1], "per_segment": per_seg}
+        with open(os.path.join(args.out_dir, "test.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        log({"step": step, "split": "test", **per_seg[-1]})
+        print0(f"test ({len(x_test)} items, best val checkpoint of step {best_ckpt['step']}): "
+               + " ".join(f"{k} {v:.4f}" for k, v in per_seg[-1].items()))
+    if log_file:
+        log_file.close()
+    if ddp:
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()
