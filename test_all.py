@@ -5,9 +5,12 @@ Each test checks values, shapes or gradients against a reference (PyTorch's own 
 a naive re-computation), so it fails when the code it covers breaks.
 """
 
+import csv
 import json
+import math
 import os
 import random
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -15,7 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import ab
 import data
+import plots
+import sample_maze
 import train
 
 from hrm_controller import Controller, ControllerConfig, route, routing_entropy, temperature_at
@@ -613,3 +619,192 @@ def test_existing_output_folder_needs_resume(tmp_path):
     train.main(tiny_run_args(tmp_path, "sort6"))
     with pytest.raises(SystemExit, match="already holds a run"):
         train.main(tiny_run_args(tmp_path, "sort6"))
+
+
+# ---- looking at runs: sample_maze.py, plots.py, ab.py (issues 5 and 7)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def maze_from_edges(n, edges):
+    """Open sides (n, n, 4) of a maze given as the list of open passages between neighbouring cells."""
+    o = np.zeros((n, n, 4), dtype=bool)
+    for a, b in edges:
+        d = data.MOVES.index((b[0] - a[0], b[1] - a[1]))
+        o[a][d] = o[b][(d + 2) % 4] = True  # the opposite side of the neighbour opens with it
+    return o
+
+
+def assert_png(path):
+    raw = open(path, "rb").read()
+    assert raw[:8] == PNG_MAGIC and len(raw) > 2000  # a real picture, not an empty figure
+
+
+# ---- ASCII renderer
+
+# A hand-made 3x3 perfect maze (8 passages); the shortest path from S (0, 0) to G (2, 0) goes through the middle.
+EDGES = [((0, 0), (0, 1)), ((0, 1), (0, 2)), ((0, 2), (1, 2)), ((1, 2), (2, 2)), ((2, 2), (2, 1)),
+         ((0, 1), (1, 1)), ((1, 1), (1, 0)), ((1, 0), (2, 0))]
+
+
+def test_render_ascii_on_hand_made_3x3_maze_gives_exact_text():
+    o = maze_from_edges(3, EDGES)
+    true = data.solve(o, (0, 0), (2, 0))[1]
+    assert true == [(0, 0), (0, 1), (1, 1), (1, 0), (2, 0)]
+    # the prediction turns right at (0, 1) and runs into the dead end at (2, 1)
+    pred = [(0, 0), (0, 1), (0, 2), (1, 2), (2, 2), (2, 1)]
+    expected = "\n".join([
+        "+---+---+---+",
+        "| S   *   x |",
+        "+---+   +   +",
+        "| o   o | x |",
+        "+   +---+   +",
+        "| G | x   x |",
+        "+---+---+---+",
+    ])
+    assert sample_maze.render_ascii(o, (0, 0), (2, 0), true, pred) == expected
+    # a perfect prediction marks its inner cells * and nothing wrong or missed
+    perfect = sample_maze.render_ascii(o, (0, 0), (2, 0), true, true)
+    assert perfect.count("*") == 3 and "x" not in perfect and "o" not in perfect
+
+
+# ---- routing diagnostics
+
+def tiny_maze_model(controller, R=7, T=3, **kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=48, n_classes=5, d_model=16, n_heads=4, n_layers=1, d_ctrl=8, R=R, T=T,
+                      controller=controller, attn="local", **kw)
+    return PoHModel(cfg, verbose=False)
+
+
+def test_diag_marks_h_update_exactly_where_t_mod_T_is_zero_and_z_H_changes():
+    m = tiny_maze_model("hrm", R=7, T=3)
+    x = torch.randint(0, 48, (2, 9), generator=torch.Generator().manual_seed(0))
+    _, steps = sample_maze.run_traced(m, x, (3, 3), segments=2, n_steps=7, temperature=1.0)
+    rows = sample_maze.step_diagnostics(steps, top=2)
+    lines = sample_maze.format_diag(rows, temperature=1.0)[1:]
+    assert len(rows) == len(lines) == 14
+    marked = [(r["seg"], r["t"]) for r, line in zip(rows, lines) if "H-UPDATE" in line]
+    assert marked == [(s, t) for s in range(2) for t in (0, 3, 6)]
+    # the markers sit where the slow state really changed, the carried state included (segment 1, t = 0)
+    prev = torch.zeros_like(steps[0]["z_H"])
+    for s in steps:
+        assert (not torch.equal(s["z_H"], prev)) == (s["t"] % 3 == 0)
+        prev = s["z_H"]
+    for r in rows:
+        assert 0.0 < r["entropy"] <= math.log(4) + 1e-6
+        assert 0.5 <= r["max_weight"] <= 1.0  # top-2 renormalised: the larger weight is at least a half
+        assert sum(r["usage"]) == pytest.approx(1.0, abs=1e-5)
+        assert r["usage"][r["top"][0]] == max(r["usage"])
+    # one timescale: never an H-UPDATE; no controller: nothing to diagnose
+    poh_rows = sample_maze.step_diagnostics(sample_maze.run_traced(tiny_maze_model("poh"), x, (3, 3), 1, 7, 1.0)[1])
+    assert not any("H-UPDATE" in line for line in sample_maze.format_diag(poh_rows, 1.0))
+    assert sample_maze.step_diagnostics(sample_maze.run_traced(tiny_maze_model("none"), x, (3, 3), 1, 7, 1.0)[1]) == []
+
+
+# ---- statistics
+
+def test_summarize_matches_hand_computed_mean_std_and_t_interval():
+    mean, std, ci = ab.summarize([1.0, 2.0, 3.0, 4.0])
+    # mean 2.5; sample variance (2.25 + 0.25 + 0.25 + 2.25) / 3 = 5/3; t(3) = 3.182; CI = t * std / sqrt(4)
+    assert mean == 2.5 and std == pytest.approx(math.sqrt(5 / 3)) and ci == pytest.approx(3.182 * math.sqrt(5 / 3) / 2)
+    mean, std, ci = ab.summarize([0.5, 0.7])
+    assert mean == pytest.approx(0.6) and std == pytest.approx(math.sqrt(0.02)) and ci == pytest.approx(1.2706)
+    mean, std, ci = ab.summarize([0.42])
+    assert mean == 0.42 and math.isnan(std) and math.isnan(ci)  # one run: no spread, no interval
+    assert ab.t_critical(22) == 2.086 and ab.t_critical(500) == 1.960  # between rows: the smaller df
+    with pytest.raises(ValueError):
+        ab.summarize([])
+
+
+def test_summary_table_warns_only_when_parameter_counts_differ_by_more_than_5_percent():
+    def rows(p_hrm):
+        return [{"controller": c, "params": p, "wall_s": 10.0, "steps": 100, "tau": v}
+                for c, p, v in (("none", 1000, 0.5), ("none", 1000, 0.6), ("hrm", p_hrm, 0.7))]
+    table = ab.summary_table(rows(1040), ["tau"])
+    assert "WARNING" not in table and "0.5500 ± 0.0707" in table and "0.7000" in table
+    assert "WARNING: parameter counts differ by more than 5%" in ab.summary_table(rows(1060), ["tau"])
+
+
+# ---- pictures and sample_maze from a real (tiny) run
+
+@pytest.fixture(scope="module")
+def maze_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("maze5")
+    train.main(tiny_run_args(tmp, "maze5", "--controller", "hrm", "--R", "3", "--T", "2"))
+    return tmp / "run"
+
+
+def test_plot_run_writes_a_png_from_the_metrics_log(maze_run, tmp_path):
+    assert plots.plot_run(str(maze_run)) == str(maze_run / "curves.png")
+    assert_png(maze_run / "curves.png")
+    plots.main([str(maze_run), "--out", str(tmp_path / "c.png")])
+    assert_png(tmp_path / "c.png")
+
+
+def test_sample_maze_solves_larger_fresh_mazes_prints_and_draws(maze_run, tmp_path, capsys):
+    out = tmp_path / "s.png"
+    total = sample_maze.main([str(maze_run), "--num-samples", "2", "--grid-n", "6", "--inner-steps", "4",
+                              "--show-steps", "--diag", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert set(total) == {"reach", "optimal", "exact", "cell_acc"} and all(0 <= v <= 1 for v in total.values())
+    # two 6x6 mazes of 13 lines each, 25 characters wide, each with its start and goal
+    maze_lines = [line for line in text.splitlines() if len(line) == 25 and set(line) <= set("+-| SGx*o")]
+    assert len(maze_lines) == 2 * 13 and text.count(" S ") == 2 and text.count(" G ") == 2
+    # 2 segments (the checkpoint's) x 4 inner steps, slow updates at t = 0, 2 with T = 2
+    diag = [line for line in text.splitlines() if line[:3].strip().isdigit()]
+    assert len(diag) == 8 and [line.endswith("H-UPDATE") for line in diag] == [True, False] * 4
+    for path in (out, tmp_path / "s_steps.png", tmp_path / "s_heads.png"):
+        assert_png(path)
+
+
+def test_sample_maze_missing_or_foreign_checkpoint_gives_one_line_error(tmp_path, capsys):
+    cases = [(tmp_path / "nope.pt", "no checkpoint at")]
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    cases.append((tmp_path / "foreign.pt", "not an hrm-poh checkpoint"))
+    (tmp_path / "text.pt").write_text("hello")
+    cases.append((tmp_path / "text.pt", "not a readable checkpoint"))
+    m = tiny_maze_model("hrm")
+    torch.save({"model": m.state_dict(), "model_args": asdict(m.cfg), "config": {"task": "sort6"}},
+               tmp_path / "sort.pt")
+    cases.append((tmp_path / "sort.pt", "not a maze task"))
+    for path, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            sample_maze.main([str(path)])
+        text = str(exc.value.code)
+        assert text.startswith("error: ") and message in text and "\n" not in text
+
+
+# ---- the A/B harness and its sweep
+
+TINY_SORT = ["--n-val", "12", "--n-test", "200", "--d-model", "16", "--n-heads", "2", "--n-layers", "1",
+             "--d-ctrl", "8", "--batch-size", "4", "--max-steps", "2", "--eval-interval", "2", "--warmup", "1",
+             "--no-progress"]
+
+
+def test_tiny_sweep_writes_one_row_per_value_controller_seed_and_reuses_runs(tmp_path, capsys):
+    argv = ["--task", "sort6", "--controller", "none", "hrm", "--seeds", "1", "2", "--sweep", "R", "1", "2",
+            "--root", str(tmp_path), "--", *TINY_SORT]
+    ab.main(argv)
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    keys = [(r["sweep_value"], r["controller"], r["seed"]) for r in rows]
+    assert sorted(keys) == sorted((v, c, s) for v in "12" for c in ("none", "hrm") for s in "12")
+    for r in rows:
+        assert r["sweep_flag"] == "R" and r["task"] == "sort6" and int(r["steps"]) == 2
+        assert json.load(open(f"{r['run_dir']}/config.json"))["R"] == int(r["sweep_value"])
+        assert -1 <= float(r["tau"]) <= 1 and int(r["params"]) > 0 and float(r["wall_s"]) > 0
+    # the none controller builds no controller modules: smaller by exactly the hrm controller's parameters
+    hrm = next(r for r in rows if r["controller"] == "hrm")
+    n_ctrl = sum(p.numel() for p in train.load_checkpoint(f"{hrm['run_dir']}/best.pt")[0].controller.parameters())
+    assert {int(r["params"]) for r in rows if r["controller"] == "none"} == {int(hrm["params"]) - n_ctrl}
+    text = capsys.readouterr().out
+    assert text.count("sort6, R = ") == 2 and "reference (visible values in order)" in text
+    assert_png(tmp_path / "sweep_R_tau.png")
+    # a second call reuses every finished run; other flags into the same folders are refused
+    ab.main(argv)
+    assert capsys.readouterr().out.count("reusing the finished run") == 8
+    with pytest.raises(SystemExit, match="other flags"):
+        ab.main(argv + ["--max-steps", "3"])
+    with pytest.raises(SystemExit, match="set by ab.py"):
+        ab.main(["--root", str(tmp_path), "--", "--seed", "4"])

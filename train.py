@@ -7,8 +7,8 @@ Train a recurrent PoH model on a maze or sorting task, evaluate it, and save the
     torchrun --standalone --nproc_per_node=2 train.py --task sort12   # several processes (gloo on CPU, nccl on CUDA)
 
 A run leaves in --out-dir: config.json (every resolved flag), ckpt.pt (latest state, for --resume), best.pt (the
-weights with the best validation score), metrics.jsonl (one JSON object per log line) and test.json (the test
-metrics of the best checkpoint, measured once at the end).
+weights with the best validation score), metrics.jsonl (one JSON object per log line), test.json (the test
+metrics of the best checkpoint, measured once at the end) and curves.png (plots.plot_run of the log).
 
 Each batch is run for --segments segments of R inner steps (HRM-style deep supervision): after each segment the
 loss is backpropagated and the optimizer steps, and the state (h, z_L, z_H) carries over, detached. The step
@@ -95,7 +95,9 @@ def get_parser():
     g.add_argument("--ponder-weight", type=float, default=0.0, help="> 0: learned halting (PonderNet) with this KL weight")
     g.add_argument("--ponder-prior", type=float, default=0.5, help="per-step halting probability of the prior")
     g.add_argument("--batch-size", type=int, default=None, help="global batch size (split over processes)")
-    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps")
+    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (the LR schedule's length)")
+    g.add_argument("--time-budget", type=float, default=0.0,
+                   help="stop training after this many seconds (0: no limit); the run then evaluates and tests")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
     g.add_argument("--min-lr-frac", type=float, default=0.1, help="the cosine ends at this fraction of the peak")
     g.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
@@ -178,8 +180,22 @@ def load_checkpoint(path, device="cpu"):
 def save_atomic(obj, path):
     """Write to a temporary file in the same folder, then rename: a kill mid-save never corrupts `path`."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # disk full, unwritable folder, Ctrl-C mid-save: the previous file stays intact
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def trim_log(path, step):
+    """On resume, drop the log records written after the checkpoint's step (they will be written again)."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(kept)
 
 
 def lr_at(step, args):
@@ -220,7 +236,15 @@ def evaluate(model, task, x, y, segments, n_steps=None, temperature=1.0, batch_s
 
 
 def main(argv=None):
+    """Train, evaluate and test; returns the test metrics (on the main process). Bad input -> SystemExit."""
     args = resolve_args(argv)
+    try:
+        return run(args)
+    except OSError as exc:  # disk full, unwritable folder: one line, and the last saved files stay intact
+        raise SystemExit(f"error: could not read or write {exc.filename or args.out_dir}: {exc.strerror or exc}")
+
+
+def run(args):
     # one device block: torchrun sets RANK; otherwise CUDA, then MPS, then CPU
     ddp = "RANK" in os.environ
     if ddp:
@@ -294,7 +318,10 @@ def main(argv=None):
         os.makedirs(args.out_dir, exist_ok=True)
         with open(os.path.join(args.out_dir, "config.json"), "w") as f:
             json.dump({**vars(args), "model": asdict(cfg), "world_size": world, "device": str(device)}, f, indent=2)
-    log_file = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if master else None
+    log_path = os.path.join(args.out_dir, "metrics.jsonl")
+    if master and args.resume:
+        trim_log(log_path, step)
+    log_file = open(log_path, "a") if master else None
 
     def log(record):
         if log_file:
@@ -314,8 +341,9 @@ def main(argv=None):
     bar = tqdm(total=args.max_steps, initial=step, disable=not master or args.no_progress, dynamic_ncols=True)
     next_eval = (step // args.eval_interval + 1) * args.eval_interval
     t_last, n_last = time.time(), 0
+    t_start, t_eval, out_of_time = time.time(), 0.0, False  # t_eval: time spent evaluating, not training
     try:
-        while step < args.max_steps:
+        while step < args.max_steps and not out_of_time:
             x, y = task.train_batch(args.batch_size, gen, **curriculum_at(step, args, task))
             per = args.batch_size // world
             x, y = x[rank * per:(rank + 1) * per].to(device), y[rank * per:(rank + 1) * per].to(device)
@@ -352,13 +380,20 @@ def main(argv=None):
                             ent=f"{parts['entropy']:.3f}", sps=f"{rate:.0f}")
             log({"step": step, "split": "train", "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
                  "temperature": temperature, "samples_per_s": rate, **parts})
-            if step >= next_eval or step >= args.max_steps:
-                next_eval += args.eval_interval
+            out_of_time = args.time_budget > 0 and time.time() - t_start - t_eval > args.time_budget
+            if ddp:  # every rank must stop at the same step
+                flag = torch.tensor(float(out_of_time), device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                out_of_time = bool(flag.item())
+            if step >= next_eval or step >= args.max_steps or out_of_time:
+                next_eval = (step // args.eval_interval + 1) * args.eval_interval
                 t_last, n_last = time.time(), 0
                 if master:
+                    t0 = time.time()
                     per_seg = evaluate(ema or raw_model, task, x_val, y_val, **eval_kw)
                     final = per_seg[-1]
-                    log({"step": step, "split": "val", **final, "per_segment": per_seg})
+                    log({"step": step, "split": "val", **final, "per_segment": per_seg,
+                         "train_seconds": t0 - t_start - t_eval})
                     bar.write(f"step {step}: val " + " ".join(f"{k} {v:.4f}" for k, v in final.items()))
                     if final[select] > best:
                         best = final[select]
@@ -366,6 +401,7 @@ def main(argv=None):
                                      "step": step, "best_val": best, "config": vars(args)},
                                     os.path.join(args.out_dir, "best.pt"))
                     checkpoint()
+                    t_eval += time.time() - t0
     except KeyboardInterrupt:
         if master:
             checkpoint()
@@ -387,6 +423,11 @@ def main(argv=None):
         log({"step": step, "split": "test", **per_seg[-1]})
         print0(f"test ({len(x_test)} items, best val checkpoint of step {best_ckpt['step']}): "
                + " ".join(f"{k} {v:.4f}" for k, v in per_seg[-1].items()))
+        try:
+            import plots  # here, so importing train.py stays light
+            plots.plot_run(args.out_dir)
+        except Exception as exc:  # a plotting failure must never lose a finished run
+            print0(f"could not plot the curves: {exc}")
     if log_file:
         log_file.close()
     if ddp:

@@ -1,0 +1,213 @@
+"""
+Load a trained maze checkpoint, solve fresh mazes, print them as ASCII and draw them.
+
+    python sample_maze.py runs/maze12-hrm-s0/best.pt                          # 4 fresh 12x12 mazes
+    python sample_maze.py runs/maze12-hrm-s0 --num-samples 8 --seed 3 --out docs/samples.png
+    python sample_maze.py runs/maze12-hrm-s0 --grid-n 16 --inner-steps 12     # larger than trained, more steps
+    python sample_maze.py runs/maze12-hrm-s0 --show-steps --diag              # refinement strip, routing diagnostics
+
+The checkpoint is a file (best.pt, ckpt.pt) or a run folder (its best.pt). Fresh mazes come from data.py's
+generator with seed 1,000,000 + --seed, a stream apart from the train/val/test pools (seeds 0, 1, 2, ...), and
+nothing is cached. The model runs as it was evaluated in training: the checkpoint's segments, its inner steps,
+the final training temperature, its top-k and hard/soft routing.
+
+ASCII legend: walls are + - |, S start, G goal, * predicted path on the true path, x predicted path off the true
+path (a wrong cell), o true path the prediction missed, blank: neither.
+
+Outputs: --out (default <run folder>/samples.png) holds the solved mazes; --show-steps adds <out>_steps.png,
+one panel per inner step for the first maze; --diag prints per inner step the routing entropy, the mean max head
+weight, the temperature, the most used heads and H-UPDATE where the slow module f_H updated (t % T == 0), and
+writes <out>_heads.png, the head usage per step.
+"""
+
+import argparse
+import os
+import re
+
+import numpy as np
+import torch
+
+import data
+import plots
+import train
+from hrm_controller import routing_entropy, temperature_at
+
+FRESH_SEED_BASE = 10**6  # far from the pool seeds 3 * data_seed + {0, 1, 2} that training uses
+
+
+def render_ascii(open_sides, start, goal, true_path, pred_path):
+    """One maze as text, 2n+1 lines of 4n+1 characters; the legend is in the module docstring."""
+    o = np.asarray(open_sides, dtype=bool)
+    n = o.shape[0]
+    true, pred = set(map(tuple, true_path)), set(map(tuple, pred_path))
+
+    def mark(cell):
+        if cell == tuple(start):
+            return "S"
+        if cell == tuple(goal):
+            return "G"
+        if cell in pred:
+            return "*" if cell in true else "x"
+        return "o" if cell in true else " "
+
+    lines = ["+" + "---+" * n]
+    for r in range(n):
+        # a cell row: the west border, then every cell followed by its east side (open or wall)
+        row = "|" if not o[r, 0, 3] else " "
+        for c in range(n):
+            row += f" {mark((r, c))} " + (" " if o[r, c, 1] else "|")
+        lines.append(row)
+        # the walls below the row: its south sides
+        lines.append("+" + "".join(("   " if o[r, c, 2] else "---") + "+" for c in range(n)))
+    return "\n".join(lines)
+
+
+def fresh_mazes(n, count, seed, target):
+    """count new n x n mazes: inputs x (B, n*n), labels y (B, n*n) and the pool arrays (open, start, goal)."""
+    pool = data.generate_mazes(n, count, FRESH_SEED_BASE + seed)
+    x = data.encode(pool["open"], pool["start"], pool["goal"]).reshape(count, n * n)
+    y = data.batch_labels(pool["open"], pool["start"], pool["dist"].astype(np.int64), target)
+    return torch.from_numpy(x), torch.from_numpy(y), pool
+
+
+@torch.no_grad()
+def run_traced(model, x, grid, segments, n_steps, temperature):
+    """Run `segments` forwards carrying the state, as train.evaluate does, keeping every inner step's trace.
+    Returns the final logits (B, N, C) and a list of per-step dicts with 'seg' and 't' added."""
+    model.eval()
+    state, steps = None, []
+    for s in range(segments):
+        out = model(x, state=state, temperature=temperature, grid=grid, n_steps=n_steps, trace=True)
+        state = out["state"]
+        steps += [{"seg": s, "t": t, **step} for t, step in enumerate(out["trace"])]
+    return out["logits"], steps
+
+
+def step_diagnostics(steps, top=2):
+    """Per inner step: routing entropy, mean max head weight, head usage (mean alpha per head), the `top` most
+    used heads and the slow-module update (1.0 / 0.0, or the learned gate). Empty for the `none` controller."""
+    rows = []
+    for s in steps:
+        if s["alpha"] is None:
+            return []
+        usage = s["alpha"].float().mean((0, 1))  # (H,): mean weight over mazes and cells
+        rows.append({"seg": s["seg"], "t": s["t"], "entropy": float(routing_entropy(s["p"])),
+                     "max_weight": float(s["alpha"].max(-1).values.mean()), "usage": usage.tolist(),
+                     "top": usage.argsort(descending=True)[:top].tolist(), "h_update": float(s["h_update"])})
+    return rows
+
+
+def format_diag(rows, temperature, learned_gate=False):
+    """Text lines of step_diagnostics(); a fixed-period slow update is marked H-UPDATE, a learned gate printed."""
+    lines = ["seg  t  entropy  max_w  temp  most used heads (mean weight)"]
+    for r in rows:
+        heads = ", ".join(f"h{h} {r['usage'][h]:.2f}" for h in r["top"])
+        line = f"{r['seg']:3d} {r['t']:2d}  {r['entropy']:7.3f}  {r['max_weight']:5.3f}  {temperature:4.2f}  {heads}"
+        if learned_gate:
+            line += f"   H-gate {r['h_update']:.2f}"
+        elif r["h_update"] == 1.0:
+            line += "   H-UPDATE"
+        lines.append(line)
+    return lines
+
+
+def maze_record(pool, b, scores, y, target):
+    """Everything the renderers need about maze b: walls, start, goal, true path, predicted (rolled-out) path
+    and the cells whose predicted class is wrong; scores (N, C) and labels y (N,) are maze b's."""
+    o, s, g = pool["open"][b], tuple(int(v) for v in pool["start"][b]), tuple(int(v) for v in pool["goal"][b])
+    n = o.shape[0]
+    wrong = np.flatnonzero((scores.argmax(-1) != y) & (y != data.IGNORE))
+    return {"open": o, "start": s, "goal": g, "true_path": data.solve(o, s, g)[1],
+            "pred_path": data.rollout(scores, o, s, g, target), "cell_errors": [(i // n, i % n) for i in wrong]}
+
+
+def load_maze_model(path, device="cpu"):
+    """train.load_checkpoint plus the checks that it is a maze model; SystemExit with one line otherwise."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "best.pt")
+    try:
+        model, ckpt = train.load_checkpoint(path, device)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    task = (ckpt.get("config") or {}).get("task", "")
+    if not re.fullmatch(r"maze\d+", task):
+        raise SystemExit(f"error: {path} was trained on {task or 'an unknown task'!r}, not a maze task")
+    return model, ckpt, path
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Solve and draw fresh mazes with a trained checkpoint.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("ckpt", help="checkpoint file, or a run folder (uses its best.pt)")
+    p.add_argument("--num-samples", type=int, default=4, help="fresh mazes to solve")
+    p.add_argument("--seed", type=int, default=0, help="which fresh mazes (generator seed 1,000,000 + seed)")
+    p.add_argument("--grid-n", type=int, default=None, help="maze side (default: the trained size)")
+    p.add_argument("--inner-steps", type=int, default=None, help="inner steps per segment (default: as trained)")
+    p.add_argument("--segments", type=int, default=None, help="segments (default: the checkpoint's)")
+    p.add_argument("--out", default=None, help="PNG of the solved mazes (default <run folder>/samples.png)")
+    p.add_argument("--show-steps", action="store_true", help="also draw the first maze after every inner step")
+    p.add_argument("--max-panels", type=int, default=12, help="--show-steps: at most this many steps, evenly spaced")
+    p.add_argument("--diag", action="store_true", help="print routing per inner step and draw a head-usage heatmap")
+    p.add_argument("--no-ascii", action="store_true", help="print only the metrics, not the mazes")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps")
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    if args.num_samples < 1:
+        raise SystemExit("error: --num-samples must be >= 1")
+    model, ckpt, path = load_maze_model(args.ckpt, args.device)
+    cfg, config = model.cfg, ckpt["config"]
+    n = args.grid_n or int(config["task"][4:])
+    n_steps = args.inner_steps or config.get("eval_steps") or cfg.R
+    segments = args.segments or config["segments"]
+    temperature = temperature_at(1.0, config["temp_start"], config["temp_end"], config["temp_floor"])
+    target = "direction" if cfg.n_classes == 5 else "path"  # as data.maze_metrics reads it
+    out = args.out or os.path.join(os.path.dirname(path), "samples.png")
+    stem = os.path.splitext(out)[0]
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    print(f"{path}: {config['task']} {cfg.controller} model (step {ckpt.get('step')}), solving "
+          f"{args.num_samples} fresh {n}x{n} mazes with {segments} segments x {n_steps} inner steps, "
+          f"temperature {temperature:.2f}")
+
+    x, y, pool = fresh_mazes(n, args.num_samples, args.seed, target)
+    logits, steps = run_traced(model, x.to(args.device), (n, n), segments, n_steps, temperature)
+    scores = logits.float().cpu().numpy()
+    mazes, titles = [], []
+    for b in range(args.num_samples):
+        m = maze_record(pool, b, scores[b], y[b].numpy(), target)
+        one = data.maze_metrics(logits[b:b + 1], x[b:b + 1], y[b:b + 1])
+        reached = m["pred_path"][-1] == m["goal"]
+        verdict = f"reached G in {len(m['pred_path']) - 1} moves" if reached else "did not reach G"
+        head = (f"maze {b + 1}: shortest path {len(m['true_path']) - 1} moves, {verdict}; "
+                + " ".join(f"{k} {v:.2f}" for k, v in one.items()))
+        print(head if args.no_ascii else "\n" + head + "\n" + render_ascii(
+            m["open"], m["start"], m["goal"], m["true_path"], m["pred_path"]))
+        mazes.append(m)
+        titles.append(f"{b + 1}: {'reached' if reached else 'failed'}, cell acc {one['cell_acc']:.2f}")
+    total = data.maze_metrics(logits, x, y)
+    print(f"\nall {args.num_samples} mazes: " + " ".join(f"{k} {v:.3f}" for k, v in total.items()))
+    print(f"wrote {plots.draw_mazes(mazes[:16], out, titles[:16])}")
+
+    labels = [f"seg {s['seg']} t {s['t']}" for s in steps]
+    if args.show_steps:
+        # evenly spaced steps, always the first and the last, so long runs still fit in one strip
+        picks = sorted(set(np.linspace(0, len(steps) - 1, min(args.max_panels, len(steps))).round().astype(int)))
+        panels = [maze_record(pool, 0, steps[i]["logits"][0].float().cpu().numpy(), y[0].numpy(), target)
+                  for i in picks]
+        titles = [f"{labels[i]}: {len(p['cell_errors'])} cells wrong" for i, p in zip(picks, panels)]
+        print(f"wrote {plots.draw_refinement(panels, stem + '_steps.png', titles)}")
+    if args.diag:
+        rows = step_diagnostics(steps, top=cfg.top_k)
+        if not rows:
+            print("diag: controller none: every head has weight 1/H at every step, nothing is routed")
+        else:
+            print("\n" + "\n".join(format_diag(rows, temperature, learned_gate=cfg.h_gate == "learned")))
+            updated = [i for i, r in enumerate(rows) if r["h_update"] == 1.0 and cfg.h_gate == "fixed"]
+            print(f"wrote {plots.head_heatmap([r['usage'] for r in rows], stem + '_heads.png', updated, labels)}")
+    return total
+
+
+if __name__ == "__main__":
+    main()
