@@ -96,6 +96,8 @@ def run_one(root, task, controller, seed, passthrough, sweep=None):
         print(f"{name}: {'resuming' if resume else 'training'} into {out_dir}", flush=True)
         os.makedirs(out_dir, exist_ok=True)
         record = record or {"argv": argv, "wall_s": 0.0}
+        with open(record_path, "w") as f:  # written first, so even a killed run is recognised as ours
+            json.dump(record, f)
         t0 = time.time()
         try:
             train.main(argv + ["--resume"] if resume else argv)

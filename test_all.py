@@ -334,6 +334,33 @@ def test_controller_parameter_group_gets_its_own_lr():
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(m.parameters()))
 
 
+def test_supervise_every_3_gives_gradient_only_to_the_intended_steps():
+    m = tiny_model(controller="hrm", R=7, supervise="every-3")
+    x, y = tiny_batch()
+    grads = []
+
+    def keep_grad(module, inputs, out):
+        out.register_hook(grads.append)
+    m.head.register_forward_hook(keep_grad)
+    m(x, y)["loss"].backward()
+    # hooks fire in reverse order of the steps; steps whose logits are unused get no gradient at all
+    assert len(grads) == 3
+    assert all(g.abs().sum() > 0 for g in grads)
+    assert train.resolve_args(["--task", "sort12", "--supervise-every", "3"]).supervise == "every-3"
+
+
+@pytest.mark.parametrize("L", [16, 20, 24])
+def test_longer_sort_tasks_give_permutations_and_a_reference_near_half(L):
+    task = data.make_task(f"sort{L}", n_val=200, n_test=400)
+    x, y = task.split("test")
+    assert x.shape == (400, L) and (x == data.SORT_MASK).sum(1).eq(L // 2).all()
+    assert torch.equal(y.sort(1).values, torch.arange(L).expand(400, L))
+    ranks = data.greedy_ranks(torch.randn(400, L, L))
+    assert torch.equal(ranks.sort(1).values, torch.arange(L).expand(400, L))
+    ref = task.reference_metrics(x, y)
+    assert 0.40 < ref["tau"] < 0.60, ref
+
+
 # ---- tasks: mazes and sorting (issue 3)
 
 @pytest.fixture(scope="module")

@@ -91,6 +91,8 @@ def get_parser():
     g.add_argument("--grad", default=None, choices=["bptt", "tbptt"], help="full or truncated backprop over R")
     g.add_argument("--grad-steps", type=int, default=None, help="tbptt: inner steps that carry gradient")
     g.add_argument("--supervise", default=None, help="task loss on inner steps: last, all or every-K")
+    g.add_argument("--supervise-every", type=int, default=None,
+                   help="sparse supervision: the task loss on every K-th inner step and the last (= --supervise every-K)")
     g.add_argument("--segments", type=int, default=None, help="segments per batch, one optimizer step each")
     g.add_argument("--ponder-weight", type=float, default=0.0, help="> 0: learned halting (PonderNet) with this KL weight")
     g.add_argument("--ponder-prior", type=float, default=0.5, help="per-step halting probability of the prior")
@@ -132,6 +134,8 @@ def resolve_args(argv=None):
     for key, value in RECIPES[task_kind(args.task)].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.supervise_every is not None:
+        args.supervise = f"every-{args.supervise_every}"
     if args.out_dir is None:
         args.out_dir = os.path.join("runs", f"{args.task}-{args.controller}-s{args.seed}")
     for ok, msg in [(args.R >= 1, f"--R must be >= 1, got {args.R}"), (args.T >= 1, f"--T must be >= 1, got {args.T}"),
