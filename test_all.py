@@ -6,10 +6,15 @@ a naive re-computation), so it fails when the code it covers breaks.
 """
 
 import csv
+import errno
 import json
 import math
 import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import asdict
 
 import numpy as np
@@ -19,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ab
+import bench
 import data
 import plots
 import sample_maze
@@ -225,24 +231,12 @@ def test_bptt_reaches_first_step_state_and_tbptt_does_not():
         assert m.controller.f_H.weight_ih.grad.abs().sum() > 0, "f_H must get gradient (grad_steps >= T)"
 
 
-def saved_bytes(model, x, y):
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x, y)["loss"].backward()
-    return total
-
-
 def test_tbptt_graph_is_flat_in_R_and_bptt_grows():
     x, y = tiny_batch(B=2, N=16)
     sizes = {}
     for grad in ("bptt", "tbptt"):
         for R in (2, 8):
-            sizes[grad, R] = saved_bytes(tiny_model(controller="hrm", R=R, grad=grad, grad_steps=2), x, y)
+            sizes[grad, R] = bench.saved_bytes(tiny_model(controller="hrm", R=R, grad=grad, grad_steps=2), x, y, None)
     bptt_ratio = sizes["bptt", 8] / sizes["bptt", 2]
     tbptt_ratio = sizes["tbptt", 8] / sizes["tbptt", 2]
     print(f"saved-for-backward bytes: {sizes}; bptt x{bptt_ratio:.2f}, tbptt x{tbptt_ratio:.2f}")
@@ -835,3 +829,298 @@ def test_tiny_sweep_writes_one_row_per_value_controller_seed_and_reuses_runs(tmp
         ab.main(argv + ["--max-steps", "3"])
     with pytest.raises(SystemExit, match="set by ab.py"):
         ab.main(["--root", str(tmp_path), "--", "--seed", "4"])
+
+
+# ---- reliability (issue 6)
+
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def with_flags(args, **flags):
+    """argv with some flags set: with_flags(tiny_run_args(...), max_steps=300) replaces --max-steps' value."""
+    args = list(args)
+    for name, value in flags.items():
+        flag = "--" + name.replace("_", "-")
+        if flag in args:
+            args[args.index(flag) + 1] = str(value)
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+@pytest.fixture
+def one_thread():
+    """The environment for train.py subprocesses, one thread each; the test process uses one thread too, since the
+    thread count can change the order of float sums and so the last bits of the weights (and on 2 busy cores,
+    2 threads per process can make a tiny run 50 times slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    torch.set_num_threads(n)
+
+
+def train_cli(args, env, resume=False):
+    """Run train.py in a subprocess (a fresh interpreter, as a user would) and return the CompletedProcess."""
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), *args] + (["--resume"] if resume else [])
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def wait_for_checkpoint(proc, path, min_step, timeout=60):
+    """Poll until the running proc has saved a checkpoint at min_step or later; returns that step."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        assert proc.poll() is None, "the run finished before the test could interrupt it: make it longer"
+        if path.exists():  # os.replace swaps whole files, so a reader never sees half of one
+            step = torch.load(path, weights_only=True)["step"]
+            if step >= min_step:
+                return step
+        time.sleep(0.02)
+    pytest.fail(f"no checkpoint at step >= {min_step} after {timeout} s")
+
+
+def same_tensors(a, b):
+    """Exact equality of two nested dicts / lists of tensors and numbers (state dicts, optimizer states)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_tensors(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_tensors(u, v) for u, v in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b
+
+
+def log_without_timings(run):
+    drop = {"samples_per_s", "train_seconds"}  # wall-clock numbers, never reproducible
+    return [{k: v for k, v in json.loads(line).items() if k not in drop}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigkill_mid_run_then_resume_gives_exactly_the_uninterrupted_weights_metrics_and_log(tmp_path, one_thread):
+    # hrm controller, 2 segments per batch, EMA and a warmup: every piece of state a resume must restore
+    flags = dict(max_steps=300, eval_interval=20, warmup=30, ema=0.9)
+    ref_args = with_flags(tiny_run_args(tmp_path / "ref", "sort6"), **flags)
+    args = with_flags(tiny_run_args(tmp_path / "cut", "sort6"), **flags)
+    ref_result = train.main(ref_args)
+    run = tmp_path / "cut" / "run"
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args], env=one_thread,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_checkpoint(proc, run / "ckpt.pt", min_step=100)
+    finally:
+        proc.kill()  # SIGKILL: no handler runs, whatever the run was doing is lost
+        proc.wait()
+    killed_at = torch.load(run / "ckpt.pt", weights_only=True)["step"]
+    assert 100 <= killed_at < 300 and not (run / "test.json").exists()
+    done = train_cli(args, one_thread, resume=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resumed from {run / 'ckpt.pt'} at step {killed_at}" in done.stdout
+    ref, cut = (torch.load(p / "ckpt.pt", weights_only=True) for p in (tmp_path / "ref" / "run", run))
+    assert ref["step"] == cut["step"] == 300
+    for key in ("model", "ema", "optimizer", "data_rng", "best_val"):
+        assert same_tensors(ref[key], cut[key]), key
+    ref_best, cut_best = (torch.load(p / "best.pt", weights_only=True) for p in (tmp_path / "ref" / "run", run))
+    assert ref_best["step"] == cut_best["step"] and same_tensors(ref_best["model"], cut_best["model"])
+    assert json.loads((run / "test.json").read_text()) == json.loads(json.dumps(ref_result))
+    # the log was trimmed back to the checkpoint and continued: no gaps, no repeats
+    assert log_without_timings(run) == log_without_timings(tmp_path / "ref" / "run")
+
+
+def test_ctrl_c_saves_a_consistent_checkpoint_exits_130_and_the_run_resumes(tmp_path, one_thread):
+    args = with_flags(tiny_run_args(tmp_path, "sort6"), max_steps=100000, eval_interval=20)
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args], env=one_thread,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_checkpoint(proc, tmp_path / "run" / "ckpt.pt", min_step=20)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted: saved" in out and "Traceback" not in err
+    _, ckpt = train.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    step = ckpt["step"]
+    assert 20 <= step < 100000 and f"at step {step};" in out
+    # a state the run was really in: the step counter matches the optimizer's own count of updates
+    assert max(int(s["step"]) for s in ckpt["optimizer"]["state"].values()) == step
+    # --resume picks it up (a Ctrl-C inside a batch continues with a fresh batch) and finishes
+    result = train.main(with_flags(args, max_steps=step + 3) + ["--resume"])
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == step + 3 and "tau" in result
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), KeyboardInterrupt()])
+def test_a_save_failing_midway_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(tmp_path, monkeypatch,
+                                                                                           failure):
+    path = str(tmp_path / "ckpt.pt")
+    train.save_atomic({"step": 1, "w": torch.arange(1000.0)}, path)
+    real_save = torch.save
+
+    def half_save(obj, f, *a, **kw):  # writes the first part of a real checkpoint, then the disk fills up
+        real_save(obj, f, *a, **kw)
+        f.truncate(100)
+        raise failure
+    monkeypatch.setattr(torch, "save", half_save)
+    with pytest.raises(type(failure)) as info:
+        train.save_atomic({"step": 2, "w": torch.zeros(1000)}, path)
+    if isinstance(failure, OSError):
+        assert info.value.filename == path  # so main() can name the file in its one-line error
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+    saved = torch.load(path, weights_only=True)
+    assert saved["step"] == 1 and torch.equal(saved["w"], torch.arange(1000.0))
+
+
+def test_torchrun_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path, one_thread):
+    flags = dict(max_steps=8, eval_interval=4, batch_size=8)
+    single = train.main(with_flags(tiny_run_args(tmp_path / "one", "sort6"), **flags))
+    args = with_flags(tiny_run_args(tmp_path / "two", "sort6"), **flags)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(REPO, "train.py"), *args]
+    r = subprocess.run(cmd, env=one_thread, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "two" / "run"
+    assert json.loads((run / "config.json").read_text())["world_size"] == 2
+    one, two = (torch.load(p / "run" / "ckpt.pt", weights_only=True) for p in (tmp_path / "one", tmp_path / "two"))
+    # each rank trained on its own half of the batch; DDP's averaged gradient is the full batch's
+    for k in one["model"]:
+        torch.testing.assert_close(two["model"][k], one["model"][k], rtol=1e-5, atol=1e-5)
+    # only rank 0 logged: one test line, and the same records as the single process (none twice), with the same
+    # validation scores (test.json may differ: on 12 items two checkpoints can tie for best and flip)
+    assert r.stdout.count("test (") == 1 and "tau" in single
+    logs = [log_without_timings(p) for p in (tmp_path / "one" / "run", run)]
+    assert [(x["step"], x["split"]) for x in logs[0]] == [(x["step"], x["split"]) for x in logs[1]]
+    val_tau = [[x["tau"] for x in log if x["split"] == "val"] for log in logs]
+    assert val_tau[1] == pytest.approx(val_tau[0], abs=1e-6)
+
+
+NAN_ON_RANK_1 = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import model, train
+real_forward, calls = model.PoHModel.forward, []
+
+def forward(self, x, y=None, **kw):  # training calls pass labels; on rank 1 only, the 7th loss is NaN
+    out = real_forward(self, x, y, **kw)
+    if y is not None and os.environ["RANK"] == "1":
+        calls.append(1)
+        if len(calls) == 7:
+            out["loss"] = out["loss"] + float("nan")  # the loss only: the gradients stay finite
+    return out
+
+model.PoHModel.forward = forward
+train.main(sys.argv[1:])
+"""
+
+
+def test_torchrun_nan_on_one_rank_stops_every_rank_at_the_same_step_with_one_line(tmp_path, one_thread):
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1.format(repo=REPO))
+    args = with_flags(tiny_run_args(tmp_path, "sort6"), max_steps=12, eval_interval=4)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args]
+    r = subprocess.run(cmd, env=one_thread, capture_output=True, text=True, timeout=180)
+    assert r.returncode != 0
+    # both ranks stop cleanly at step 6 (rank 0 with a finite loss of its own), neither waits for the other
+    # (counted, not split into lines: the two processes' stderr can interleave)
+    assert r.stderr.count("error: non-finite loss or gradient at step 6 (") == 2, r.stderr[-3000:]
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 4
+
+
+def test_bad_checkpoints_give_one_line_errors_and_are_left_as_they_were(tmp_path, one_thread):
+    args = tiny_run_args(tmp_path, "sort6")
+    train.main(args)
+    run = tmp_path / "run"
+    good, best = (run / "ckpt.pt").read_bytes(), (run / "best.pt").read_bytes()
+    log = (run / "metrics.jsonl").read_text()
+    torch.save({"weights": torch.zeros(3), "epoch": 7}, tmp_path / "foreign.pt")
+    cases = [
+        (np.random.default_rng(0).bytes(5000), [], "is not a readable checkpoint"),
+        (good[:len(good) // 2], [], "is not a readable checkpoint"),  # cut short
+        ((tmp_path / "foreign.pt").read_bytes(), [], "is not an hrm-poh checkpoint"),
+        (best, [], "holds weights only"),
+        (good, ["--d-model", "32"], "checkpoint model differs from the flags (saved, flags): {'d_model': (16, 32)}"),
+        (good, ["--ema", "0.9"], "cannot resume from"),  # this run kept no EMA
+    ]
+    for content, extra, message in cases:
+        (run / "ckpt.pt").write_bytes(content)
+        with pytest.raises(SystemExit) as exc:
+            train.main(args + ["--resume"] + extra)
+        text = str(exc.value.code)
+        assert text.startswith("error: ") and message in text and "\n" not in text, text
+        # nothing was written: the file is left for the user to inspect, the other files are untouched
+        assert (run / "ckpt.pt").read_bytes() == content and (run / "best.pt").read_bytes() == best
+        assert (run / "metrics.jsonl").read_text() == log
+
+
+@pytest.mark.parametrize("what,poison", [
+    ("loss", lambda loss: loss + float("nan")),
+    ("gradient", lambda loss: loss + torch.sqrt(loss * 0)),  # value unchanged; d sqrt(u)/du at 0 is inf, times 0
+])
+def test_non_finite_loss_or_gradient_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch,
+                                                                                           one_thread, what, poison):
+    real_forward, calls = PoHModel.forward, []
+
+    def forward(self, x, y=None, **kw):
+        out = real_forward(self, x, y, **kw)
+        if y is not None:  # a training call: the 7th optimizer step goes bad
+            calls.append(1)
+            if len(calls) == 7:
+                out["loss"] = poison(out["loss"])
+                assert torch.isfinite(out["loss"]) == (what == "gradient")
+        return out
+    monkeypatch.setattr(PoHModel, "forward", forward)
+    with pytest.raises(SystemExit) as exc:
+        train.main(with_flags(tiny_run_args(tmp_path, "sort6"), max_steps=12, eval_interval=4))
+    text = str(exc.value.code)
+    assert text.startswith("error: non-finite loss or gradient at step 6") and "\n" not in text
+    assert f"the last good checkpoint is {tmp_path / 'run' / 'ckpt.pt'}" in text
+    monkeypatch.undo()
+    model, ckpt = train.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    assert ckpt["step"] == 4 and all(torch.isfinite(p).all() for p in model.parameters())
+    best_model, _ = train.load_checkpoint(str(tmp_path / "run" / "best.pt"))
+    assert all(torch.isfinite(p).all() for p in best_model.parameters())
+
+
+def test_disk_full_or_unwritable_output_gives_one_line_and_keeps_what_was_saved(tmp_path, monkeypatch, one_thread):
+    run, real_save, calls, saved = tmp_path / "run", torch.save, [], {}
+
+    def save(obj, f, *a, **kw):  # the first two saves (best.pt, ckpt.pt at step 4) work, then the disk is full
+        calls.append(f.name)
+        if len(calls) <= 2:
+            return real_save(obj, f, *a, **kw)
+        saved.update({p.name: p.read_bytes() for p in run.glob("*.pt")})
+        f.write(b"PK\x03\x04 half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(SystemExit) as exc:
+        train.main(with_flags(tiny_run_args(tmp_path, "sort6"), max_steps=8, eval_interval=4))
+    text = str(exc.value.code)
+    assert text.startswith(f"error: could not read or write {run}") and text.endswith("No space left on device")
+    assert "\n" not in text
+    monkeypatch.undo()
+    assert sorted(p.name for p in run.glob("*.pt*")) == ["best.pt", "ckpt.pt"]  # no temporary file left
+    for name in ("best.pt", "ckpt.pt"):
+        assert (run / name).read_bytes() == saved[name]
+        assert train.load_checkpoint(str(run / name))[1]["step"] == 4
+    # an output folder that cannot be made (its parent is a file)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        train.main(tiny_run_args(tmp_path, "sort6", "--out-dir", str(tmp_path / "a_file" / "run")))
+    text = str(exc.value.code)
+    assert text.startswith("error: could not read or write") and "a_file" in text and "\n" not in text
+
+
+def test_same_seed_gives_identical_weights_and_metrics_another_seed_differs(tmp_path, one_thread):
+    results, ckpts = {}, {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        args = with_flags(tiny_run_args(tmp_path / name, "maze5", "--seed", str(seed)), max_steps=6, eval_interval=2,
+                          data_dir=tmp_path / "cache")  # one maze cache for all three
+        results[name] = train.main(args)
+        ckpts[name] = torch.load(tmp_path / name / "run" / "ckpt.pt", weights_only=True)
+    assert results["a"] == results["b"]
+    assert same_tensors(ckpts["a"]["model"], ckpts["b"]["model"])
+    assert same_tensors(ckpts["a"]["optimizer"], ckpts["b"]["optimizer"])
+    assert log_without_timings(tmp_path / "a" / "run") == log_without_timings(tmp_path / "b" / "run")
+    # another seed: another init and data order, on the same data (the maze pools follow --data-seed)
+    assert not same_tensors(ckpts["a"]["model"], ckpts["c"]["model"])
+    losses = lambda name: [r["loss"] for r in log_without_timings(tmp_path / name / "run") if r["split"] == "train"]
+    assert all(u != v for u, v in zip(losses("a"), losses("c")))

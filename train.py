@@ -20,9 +20,10 @@ import copy
 import json
 import math
 import os
+import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 
 import torch
@@ -166,6 +167,12 @@ def pick_device(name="auto"):
     return torch.device("cpu")
 
 
+def one_line(exc):
+    """An exception as one line: torch's own messages can run over many."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
 def load_checkpoint(path, device="cpu"):
     """Load one of our checkpoints: returns (model, ckpt dict). Clear errors for missing or foreign files."""
     if not os.path.isfile(path):
@@ -173,11 +180,14 @@ def load_checkpoint(path, device="cpu"):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # truncated, corrupt or not a torch file at all
-        raise ValueError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"{path} is not a readable checkpoint ({one_line(exc)})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise ValueError(f"{path} is not an hrm-poh checkpoint (no model / model_args)")
-    model = PoHModel(ModelConfig(**ckpt["model_args"]), verbose=False)
-    model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
+    try:
+        model = PoHModel(ModelConfig(**ckpt["model_args"]), verbose=False)
+        model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as exc:  # from another version of the code, or tampered with
+        raise ValueError(f"{path} does not match this code's model ({one_line(exc)})") from None
     return model.to(device), ckpt
 
 
@@ -185,21 +195,51 @@ def save_atomic(obj, path):
     """Write to a temporary file in the same folder, then rename: a kill mid-save never corrupts `path`."""
     tmp = path + ".tmp"
     try:
-        torch.save(obj, tmp)
+        # through a Python file, so a full disk raises OSError(ENOSPC) rather than torch's opaque RuntimeError
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
         os.replace(tmp, path)
-    except BaseException:  # disk full, unwritable folder, Ctrl-C mid-save: the previous file stays intact
+    except BaseException as exc:  # disk full, unwritable folder, Ctrl-C mid-save: the previous file stays intact
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = path  # so the one-line error in main() names the file
         raise
 
 
+@contextmanager
+def sigint_deferred():
+    """Hold Ctrl-C back while the weights, optimizer moments, EMA and step counter change, so the checkpoint saved
+    on Ctrl-C is a state the run was really in; the KeyboardInterrupt arrives right after. POSIX only."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def trim_log(path, step):
-    """On resume, drop the log records written after the checkpoint's step (they will be written again)."""
-    if os.path.isfile(path):
-        with open(path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(path, "w") as f:
-            f.writelines(kept)
+    """On resume, drop the log records written after the checkpoint's step (they will be written again), the test
+    record of a run killed while testing, and a last line cut short by a crash."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record["step"] <= step and record["split"] != "test":
+                kept.append(line)
+    with open(path + ".tmp", "w") as f:  # rewritten atomically, like the checkpoints
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 def lr_at(step, args):
@@ -271,7 +311,8 @@ def run(args):
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    if master and not args.resume and os.path.exists(os.path.join(args.out_dir, "config.json")):
+    # every rank checks (rank 0 writes config.json only after all ranks have passed this point, in DDP's set-up)
+    if not args.resume and os.path.exists(os.path.join(args.out_dir, "config.json")):
         raise SystemExit(f"error: {args.out_dir} already holds a run; pass --resume to continue it or pick "
                          f"another --out-dir")
     if args.resume and not os.path.isfile(ckpt_path):
@@ -301,14 +342,20 @@ def run(args):
         except (ValueError, FileNotFoundError) as exc:
             raise SystemExit(f"error: {exc}") from None
         if ckpt["model_args"] != asdict(cfg):
-            diff = {k: (v, asdict(cfg)[k]) for k, v in ckpt["model_args"].items() if asdict(cfg).get(k) != v}
+            diff = {k: (v, asdict(cfg).get(k)) for k, v in ckpt["model_args"].items() if asdict(cfg).get(k) != v}
             raise SystemExit(f"error: checkpoint model differs from the flags (saved, flags): {diff}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
-        gen.set_state(ckpt["data_rng"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        missing = [k for k in ("optimizer", "step", "best_val", "data_rng", "torch_rng") if k not in ckpt]
+        if missing:  # e.g. best.pt copied over ckpt.pt: weights only
+            raise SystemExit(f"error: {ckpt_path} holds weights only (no {', '.join(missing)}); cannot resume")
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])  # fails if e.g. --lr-controller changed the groups
+            if ema is not None:
+                ema.load_state_dict(ckpt["ema"])  # fails if the run had no --ema
+            gen.set_state(ckpt["data_rng"])
+            torch.set_rng_state(ckpt["torch_rng"])
+        except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            raise SystemExit(f"error: cannot resume from {ckpt_path} with these flags ({one_line(exc)})") from None
         step, best = ckpt["step"], ckpt["best_val"]
         print0(f"resumed from {ckpt_path} at step {step}")
     raw_model = model  # saved and evaluated; the wrapped one trains
@@ -331,6 +378,15 @@ def run(args):
         if log_file:
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
+
+    def any_rank(flag):
+        """True on every rank when flag is True on any one: the ranks must leave the loop at the same step, or the
+        others wait forever in their next all-reduce."""
+        if not ddp:
+            return bool(flag)
+        t = torch.tensor(float(flag), device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def checkpoint():
         save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": asdict(cfg),
@@ -363,19 +419,23 @@ def run(args):
                 with amp or nullcontext():
                     out = model(x, y, state=state, temperature=temperature, entropy_weight=ew, grid=task.grid)
                 loss = out["loss"]
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if args.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-                optimizer.step()
-                if ema is not None:
-                    with torch.no_grad():
-                        for pe, pm in zip(ema.parameters(), raw_model.parameters()):
-                            pe.lerp_(pm, 1 - args.ema)
+                # --grad-clip 0 still measures the norm (max_norm inf scales the gradients by exactly 1)
+                max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")
+                norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
+                # a NaN or inf must stop the run before it reaches the weights and, through them, ckpt.pt
+                if any_rank(not (torch.isfinite(loss) and torch.isfinite(norm))):
+                    raise FloatingPointError(f"non-finite loss or gradient at step {step} "
+                                             f"(loss {loss.item():.4g}, gradient norm {norm.item():.4g})")
+                with sigint_deferred():
+                    optimizer.step()
+                    if ema is not None:
+                        with torch.no_grad():
+                            for pe, pm in zip(ema.parameters(), raw_model.parameters()):
+                                pe.lerp_(pm, 1 - args.ema)
+                    step += 1
                 state = out["state"]
-                step += 1
                 n_last += len(x) * world
                 bar.update(1)
             parts = {k: float(v.detach()) for k, v in out["parts"].items() if k != "halt_p"}
@@ -384,11 +444,7 @@ def run(args):
                             ent=f"{parts['entropy']:.3f}", sps=f"{rate:.0f}")
             log({"step": step, "split": "train", "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
                  "temperature": temperature, "samples_per_s": rate, **parts})
-            out_of_time = args.time_budget > 0 and time.time() - t_start - t_eval > args.time_budget
-            if ddp:  # every rank must stop at the same step
-                flag = torch.tensor(float(out_of_time), device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                out_of_time = bool(flag.item())
+            out_of_time = any_rank(args.time_budget > 0 and time.time() - t_start - t_eval > args.time_budget)
             if step >= next_eval or step >= args.max_steps or out_of_time:
                 next_eval = (step // args.eval_interval + 1) * args.eval_interval
                 t_last, n_last = time.time(), 0
@@ -399,20 +455,23 @@ def run(args):
                     log({"step": step, "split": "val", **final, "per_segment": per_seg,
                          "train_seconds": t0 - t_start - t_eval})
                     bar.write(f"step {step}: val " + " ".join(f"{k} {v:.4f}" for k, v in final.items()))
-                    if final[select] > best:
-                        best = final[select]
+                    if final[select] > best:  # best moves only once best.pt is written, so the two agree
                         save_atomic({"model": (ema or raw_model).state_dict(), "model_args": asdict(cfg),
-                                     "step": step, "best_val": best, "config": vars(args)},
+                                     "step": step, "best_val": final[select], "config": vars(args)},
                                     os.path.join(args.out_dir, "best.pt"))
+                        best = final[select]
                     checkpoint()
                     t_eval += time.time() - t0
     except KeyboardInterrupt:
+        # a Ctrl-C inside a batch saves that step; --resume then starts a fresh batch there, so only a resume from
+        # an evaluation checkpoint (always at a batch boundary) replays the uninterrupted run exactly
         if master:
             checkpoint()
             print0(f"\ninterrupted: saved {ckpt_path} at step {step}; continue with --resume")
         raise SystemExit(130)
     except FloatingPointError as exc:
-        raise SystemExit(f"error: {exc}; the last good checkpoint is {ckpt_path}") from None
+        kept = f"the last good checkpoint is {ckpt_path}" if os.path.isfile(ckpt_path) else "no checkpoint was saved"
+        raise SystemExit(f"error: {exc}; {kept}") from None
     finally:
         bar.close()
 

@@ -1,0 +1,186 @@
+"""
+Benchmarks of the model and the training step on this machine: prints a table and writes JSON.
+
+    python bench.py                      # throughput, memory against R, FLOP/s (a few minutes on a 2-core CPU)
+    python bench.py --quick 600          # also: train the default maze12 recipe for 600 s, report held-out optimal
+    python bench.py --device cuda --out bench-gpu.json
+
+1. Training throughput (samples/s) of hrm, poh and none at the same shape, and the hrm/none step-time ratio.
+2. Memory against R (2, 4, 8, 16) for bptt and tbptt: bytes saved for backward (autograd hooks) and the peak
+   memory of a fresh process running one training step (CPU: max RSS; CUDA: max allocated).
+3. Achieved FLOP/s of a training step against a matmul peak measured in the same run. FLOPs are counted by hand
+   for the matmuls of the transformer (weights and attention): 2 per multiply-add forward, twice that backward,
+   inner steps without gradient counted forward only. Controller, norms and softmax are left out (small).
+4. --quick SECONDS: time-to-accuracy of the default maze12 recipe through train.main with --time-budget.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from model import ModelConfig, PoHModel
+from train import model_config, pick_device, resolve_args, task_kind
+
+
+def shape_args(task="maze12"):
+    """The default recipe's flags for a task, as train.py resolves them."""
+    return resolve_args(["--task", task])
+
+
+def make_model(task, controller, device, **overrides):
+    args = shape_args(task)
+    vocab, classes = (48, 5) if task_kind(task) == "maze" else (201, int(task[4:].split("-")[0]))
+    fake_task = argparse.Namespace(vocab_size=vocab, n_classes=classes)
+    cfg = model_config(args, fake_task)
+    cfg.controller = controller
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return PoHModel(cfg, verbose=False).to(device), args
+
+
+def fake_batch(args, task, device, batch_size=None, n_classes=5):
+    n = int(task[4:]) if task_kind(task) == "maze" else int(task[4:].split("-")[0])
+    N, grid = (n * n, (n, n)) if task_kind(task) == "maze" else (n, (1, n))
+    g = torch.Generator().manual_seed(0)
+    B = batch_size or args.batch_size
+    x = torch.randint(0, 48, (B, N), generator=g).to(device)
+    return x, torch.randint(0, n_classes, (B, N), generator=g).to(device), grid
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(model, x, y, grid, device, n_steps=5, warmup=2):
+    """Seconds per training step (forward, backward, AdamW) of one segment."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    for i in range(warmup + n_steps):
+        if i == warmup:
+            sync(device)
+            t0 = time.perf_counter()
+        with amp:
+            loss = model(x, y, grid=grid)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    sync(device)
+    return (time.perf_counter() - t0) / n_steps
+
+
+def step_flops(cfg, B, N):
+    """Hand count of matmul FLOPs in one training step (see the docstring)."""
+    d, L = cfg.d_model, cfg.n_layers
+    attn_span = 5 if cfg.attn == "local" else N  # SDPA with a mask still computes all N keys; count what is used
+    per_token = L * (2 * (3 * d * d + d * d + 2 * 4 * d * d) + 2 * 2 * attn_span * d)  # forward, one inner step
+    grad_steps = min(cfg.grad_steps, cfg.R) if cfg.grad == "tbptt" else cfg.R
+    return B * N * per_token * (cfg.R + 2 * grad_steps)
+
+
+def matmul_peak(device, n=2048, reps=10):
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def saved_bytes(model, x, y, grid):
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, y, grid=grid)["loss"].backward()
+    return total
+
+
+def peak_memory_probe(R, grad, device):
+    """One training step in this process (started fresh by the parent): print its peak memory in bytes."""
+    model, args = make_model("maze12", "hrm", device, R=R, grad=grad, grad_steps=2)
+    x, y, grid = fake_batch(args, "maze12", device)
+    model(x, y, grid=grid)["loss"].backward()
+    if device.type == "cuda":
+        print(torch.cuda.max_memory_allocated())
+    else:
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--task", default="maze12", help="the shape to benchmark (a task's default recipe)")
+    p.add_argument("--quick", type=float, default=0.0, help="also train maze12 for this many seconds")
+    p.add_argument("--out", default="bench.json", help="JSON results")
+    p.add_argument("--probe", nargs=2, metavar=("R", "GRAD"), help=argparse.SUPPRESS)  # internal: memory probe
+    a = p.parse_args()
+    device = pick_device(a.device)
+    if a.probe:
+        return peak_memory_probe(int(a.probe[0]), a.probe[1], device)
+    results = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "task": a.task}
+
+    print(f"1. training throughput, {a.task} default shape, {device}")
+    step_s = {}
+    for controller in ("none", "hrm", "poh"):
+        model, args = make_model(a.task, controller, device)
+        x, y, grid = fake_batch(args, a.task, device, n_classes=model.cfg.n_classes)
+        step_s[controller] = time_steps(model, x, y, grid, device)
+        print(f"  {controller:5s} {model.num_params():>9,} params  {step_s[controller]:.3f} s/step  "
+              f"{len(x) / step_s[controller]:8.1f} samples/s")
+    results["step_seconds"] = step_s
+    results["hrm_over_none"] = step_s["hrm"] / step_s["none"]
+    print(f"  hrm/none step time ratio {results['hrm_over_none']:.3f} (goal <= 1.15)")
+
+    print("2. memory against R (hrm, maze12 shape, batch 8 for saved bytes; full batch for peak memory)")
+    rows = []
+    for grad in ("bptt", "tbptt"):
+        for R in (2, 4, 8, 16):
+            model, args = make_model("maze12", "hrm", device, R=R, grad=grad, grad_steps=2)
+            x, y, grid = fake_batch(args, "maze12", device, batch_size=8)
+            sb = saved_bytes(model, x, y, grid)
+            cmd = [sys.executable, os.path.abspath(__file__), "--device", str(device), "--probe", str(R), grad]
+            peak = int(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1])
+            rows.append({"grad": grad, "R": R, "saved_bytes": sb, "peak_bytes": peak})
+            print(f"  {grad:5s} R={R:2d}  saved for backward {sb / 2**20:8.1f} MiB  peak {peak / 2**20:8.1f} MiB")
+    results["memory"] = rows
+
+    print("3. achieved FLOP/s of a training step")
+    peak = matmul_peak(device)
+    model, args = make_model(a.task, "hrm", device)
+    x, y, grid = fake_batch(args, a.task, device, n_classes=model.cfg.n_classes)
+    flops = step_flops(model.cfg, *x.shape)
+    achieved = flops / step_s["hrm"]
+    results["flops"] = {"matmul_peak": peak, "step_flops": flops, "achieved": achieved, "fraction": achieved / peak}
+    print(f"  matmul peak {peak / 1e9:.1f} GFLOP/s; step {flops / 1e9:.1f} GFLOP; achieved {achieved / 1e9:.1f} "
+          f"GFLOP/s ({100 * achieved / peak:.0f}% of peak)")
+
+    if a.quick > 0:
+        import train
+        print(f"4. time-to-accuracy: default maze12 hrm recipe for {a.quick:.0f} s of training")
+        out_dir = f"runs/bench-quick-{int(time.time())}"
+        result = train.main(["--task", "maze12", "--time-budget", str(a.quick), "--out-dir", out_dir,
+                             "--no-progress"])
+        results["quick"] = {"seconds": a.quick, "out_dir": out_dir,
+                            **{k: v for k, v in result.items() if k != "per_segment"}}
+        print(f"  held-out test optimal {result['optimal']:.4f} over {result['n_test']} mazes (run in {out_dir})")
+    with open(a.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
