@@ -22,6 +22,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
@@ -212,15 +213,22 @@ def save_atomic(obj, path):
 @contextmanager
 def sigint_deferred():
     """Hold Ctrl-C back while the weights, optimizer moments, EMA and step counter change, so the checkpoint saved
-    on Ctrl-C is a state the run was really in; the KeyboardInterrupt arrives right after. POSIX only."""
-    if not hasattr(signal, "pthread_sigmask"):
+    on Ctrl-C is a state the run was really in; the interrupt is raised right after. A signal mask is not enough:
+    another thread may take the signal and Python then raises it in the main thread anyway."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, None)
+            else:
+                raise KeyboardInterrupt
 
 
 def trim_log(path, step):
