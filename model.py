@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hrm_controller import Controller, ControllerConfig, routing_entropy
-from poh_block import BlockConfig, PoHBlock, local_mask, rope_tables
+from poh_block import BlockConfig, PoHBlock, local_mask, open_mask, rope_tables
 
 
 @dataclass
@@ -40,7 +40,7 @@ class ModelConfig:
     n_heads: int = 4  # attention heads, the units the controller routes
     n_layers: int = 2  # PoH blocks applied at every inner step
     pos: str = "rope2d"  # "rope2d" or "none"
-    attn: str = "global"  # "global" or "local" (self + 4 grid neighbours)
+    attn: str = "global"  # "global", "local" (self + 4 grid neighbours) or "open" (self + open neighbours, mazes)
     R: int = 4  # inner refinement steps per forward
     controller: str = "hrm"  # "hrm", "poh" or "none" (uniform head weights, no controller built)
     d_ctrl: int = 16  # controller width: small, so hrm, poh and none differ by a few % in parameters
@@ -66,7 +66,7 @@ class ModelConfig:
             (self.d_model % self.n_heads == 0, f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}"),
             (self.pos != "rope2d" or (self.d_model // self.n_heads) % 4 == 0, "rope2d needs head width % 4 == 0"),
             (self.pos in ("rope2d", "none"), f"pos must be rope2d or none, got {self.pos!r}"),
-            (self.attn in ("global", "local"), f"attn must be global or local, got {self.attn!r}"),
+            (self.attn in ("global", "local", "open"), f"attn must be global, local or open, got {self.attn!r}"),
             (self.grad in ("bptt", "tbptt"), f"grad must be bptt or tbptt, got {self.grad!r}"),
             (1 <= self.grad_steps, f"grad-steps must be >= 1, got {self.grad_steps}"),
             (self.h_gate in ("fixed", "learned"), f"h-gate must be fixed or learned, got {self.h_gate!r}"),
@@ -180,7 +180,7 @@ class PoHModel(nn.Module):
         h = state["h"].to(e.dtype)
         ctrl = {k: v for k, v in state.items() if k != "h"}
         rope = rope_tables(grid, cfg.d_model // cfg.n_heads, x.device) if cfg.pos == "rope2d" else None
-        mask = local_mask(grid, x.device) if cfg.attn == "local" else None
+        mask = local_mask(grid, x.device) if cfg.attn == "local" else open_mask(x, grid) if cfg.attn == "open" else None
 
         first_grad = R - min(cfg.grad_steps, R) if cfg.grad == "tbptt" else 0
         supervised = supervised_steps(R, cfg.supervise)

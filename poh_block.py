@@ -11,7 +11,7 @@ Positions: 2-D rotary embeddings (RoPE). Half of each head's dimensions rotate w
 half with its column, so q.k depends on the relative 2-D offset only and nothing is tied to the grid size: a
 model trained on 12x12 mazes runs on 16x16 ones. A sequence (sorting) is the grid (1, L). Optionally attention
 is restricted to self + the 4 grid neighbours ("local"), a strong bias for mazes: information then moves about
-one cell per block application.
+one cell per block application. For mazes, "open" restricts it further to the neighbours not behind a wall.
 
 Nothing to run on its own; `python -m pytest -q test_all.py -k block` tests it.
 """
@@ -31,7 +31,7 @@ class BlockConfig:
     n_heads: int = 4  # heads; head width d_model / n_heads must be a multiple of 4 for 2-D RoPE
     mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * d_model
     pos: str = "rope2d"  # "rope2d" or "none" (no positions: used to check against nn.MultiheadAttention)
-    attn: str = "global"  # "global" or "local" (self + 4 grid neighbours)
+    attn: str = "global"  # "global", "local" (self + 4 grid neighbours) or "open" (self + open neighbours, mazes)
 
 
 def grid_coords(grid, device=None):
@@ -61,6 +61,20 @@ def local_mask(grid, device=None):
     rows, cols = grid_coords(grid, device)
     dist = (rows[:, None] - rows[None, :]).abs() + (cols[:, None] - cols[None, :]).abs()
     return dist <= 1
+
+
+def open_mask(tokens, grid):
+    """(B, 1, N, N) bool for maze tokens: the token itself and the neighbours it has an open side to.
+    Reads data.encode's layout: bit d of (token % 16) is the open side d in the order N, E, S, W. Walls are
+    input, so masking attention with them is an inductive bias, not a peek at the answer."""
+    rows, cols = grid_coords(grid, tokens.device)
+    dr, dc = rows[None, :] - rows[:, None], cols[None, :] - cols[:, None]  # (N, N): offset from token i to j
+    allowed = torch.eye(len(rows), dtype=torch.bool, device=tokens.device).expand(tokens.shape[0], -1, -1)
+    for d, (mr, mc) in enumerate(((-1, 0), (0, 1), (1, 0), (0, -1))):
+        is_side_d = (dr == mr) & (dc == mc)  # (N, N): j is i's neighbour on side d
+        side_open = ((tokens % 16) >> d) & 1 == 1  # (B, N)
+        allowed = allowed | (is_side_d[None] & side_open[:, :, None])
+    return allowed.unsqueeze(1)  # broadcasts over heads
 
 
 class PoHAttention(nn.Module):

@@ -26,13 +26,14 @@ import torch.nn.functional as F
 import ab
 import bench
 import data
+import evaluate
 import plots
 import sample_maze
 import train
 
 from hrm_controller import Controller, ControllerConfig, route, routing_entropy, temperature_at
 from model import ModelConfig, PoHModel, halting_distribution, supervised_steps
-from poh_block import BlockConfig, PoHAttention, PoHBlock, local_mask
+from poh_block import BlockConfig, PoHAttention, PoHBlock, local_mask, open_mask
 
 
 def tiny_model(**kw):
@@ -393,6 +394,30 @@ def test_changed_wall_changes_input_at_both_cells(maze8):
     assert sorted(changed.tolist()) == [r * 8 + c, r * 8 + c + 1]
 
 
+def test_open_attention_mask_follows_the_walls_and_nothing_behind_a_wall_reaches_a_cell(maze8):
+    x, _ = maze8.split("val")
+    mask = open_mask(x[:4], (8, 8))[:, 0]  # (B, N, N)
+    for b in range(4):
+        o, _, _ = data.decode(x[b].numpy(), 8)
+        expected = np.eye(64, dtype=bool)
+        for r, c, d in np.argwhere(o):
+            expected[r * 8 + c, (r + data.MOVES[d][0]) * 8 + c + data.MOVES[d][1]] = True
+        assert np.array_equal(mask[b].numpy(), expected) and np.array_equal(expected, expected.T)
+    # one block, one step: a cell's output ignores its neighbour behind a wall and depends on an open one
+    torch.manual_seed(0)
+    model = PoHModel(ModelConfig(vocab_size=48, n_classes=5, d_model=16, n_heads=4, n_layers=1, R=1,
+                                 attn="open", controller="none"), verbose=False)
+    o, _, _ = data.decode(x[0].numpy(), 8)
+    plain = x[0] < 16  # cells with no start/goal role: adding 16 changes their token but not their walls
+    for side_open, tol_ok in [(False, lambda diff: diff < 1e-6), (True, lambda diff: diff > 1e-4)]:
+        r, c = next((r, c) for r, c in np.argwhere(o[:, :-1, 1] == side_open) if plain[r * 8 + c + 1])
+        x2 = x[:1].clone()
+        x2[0, r * 8 + c + 1] += 16
+        with torch.no_grad():
+            a, b = (model(z, grid=(8, 8))["logits"][0, r * 8 + c] for z in (x[:1], x2))
+        assert tol_ok((a - b).abs().max().item()), (side_open, (a - b).abs().max().item())
+
+
 def test_train_val_test_disjoint_under_symmetries_and_planted_copy_dropped(tmp_path, capsys):
     task = data.make_task("maze3", n_train=300, n_val=60, n_test=60, cache_dir=str(tmp_path), progress=False)
     keys = {s: set(data.canonical_keys(*(task.pools[s][k] for k in ("open", "start", "goal"))))
@@ -516,7 +541,14 @@ def test_sort_targets_metrics_by_hand_and_reference_tau():
     # greedy assignment: every position wants rank 0; the best claim wins and the rest take what is left
     logits = torch.tensor([[[3.0, 1.0, 0.0], [5.0, 2.0, 0.0], [4.0, 0.0, 1.0]]])
     assert data.greedy_ranks(logits).tolist() == [[1, 0, 2]]
-    assert task.metrics(F.one_hot(y, 12).float(), x, y) == {"tau": 1.0, "elem_acc": 1.0, "perfect": 1.0}
+    # expected-rank decoding: position 0 is sure of rank 0, position 1 torn between ranks 1 and 2 (expected
+    # 1.5), position 2 leans to rank 2 but has mass at rank 0 (expected 1.4): the order is 0, 2, 1
+    probs = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 0.5, 0.5], [0.3, 0.0, 0.7]]])
+    assert data.expected_ranks(probs.log()).tolist() == [[0, 2, 1]]
+    assert data.greedy_ranks(probs.log()).tolist() == [[0, 1, 2]]
+    assert data.expected_ranks(torch.zeros(1, 4, 4)).tolist() == [[0, 1, 2, 3]]  # ties by position
+    perfect = {"tau": 1.0, "elem_acc": 1.0, "perfect": 1.0}
+    assert task.metrics(F.one_hot(y, 12).float() * 20, x, y) == {**perfect, **{k + "_assign": 1.0 for k in perfect}}
     ref = task.reference_metrics(x, y)
     assert 0.45 < ref["tau"] < 0.55 and ref["perfect"] < 0.01
     assert 0.45 < task.reference_metrics(x, y, fill="zero")["tau"] < 0.55
@@ -777,6 +809,23 @@ def test_sample_maze_solves_larger_fresh_mazes_prints_and_draws(maze_run, tmp_pa
     assert len(diag) == 8 and [line.endswith("H-UPDATE") for line in diag] == [True, False] * 4
     for path in (out, tmp_path / "s_steps.png", tmp_path / "s_heads.png"):
         assert_png(path)
+
+
+def test_evaluate_reproduces_test_json_and_scores_larger_mazes_with_more_steps(maze_run, tmp_path, capsys):
+    own = evaluate.main([str(maze_run), "--n-test", "12", "--out", str(tmp_path / "e.json")])
+    test = json.load(open(maze_run / "test.json"))
+    assert own["n_test"] == test["n_test"] and own["per_segment"] == pytest.approx(test["per_segment"])
+    assert json.load(open(tmp_path / "e.json"))["per_segment"] == own["per_segment"]
+    big = evaluate.main([str(maze_run), "--task", "maze7", "--inner-steps", "5", "--segments", "3", "--n-test", "30"])
+    assert big["task"] == "maze7" and len(big["per_segment"]) == 3 and 25 <= big["n_test"] <= 30
+    assert all(seg["steps_used"] == 5 and 0 <= seg["optimal"] <= seg["reach"] <= 1 for seg in big["per_segment"])
+    assert "segment 3: reach" in capsys.readouterr().out
+    for argv, message in [(["--task", "sort6"], "was trained on maze5"), (["--segments", "0"], "--segments must be"),
+                          (["--task", "maze1"], "unknown task")]:
+        with pytest.raises(SystemExit, match=message):
+            evaluate.main([str(maze_run), *argv])
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        evaluate.main([str(tmp_path / "nothing.pt")])
 
 
 def test_sample_maze_missing_or_foreign_checkpoint_gives_one_line_error(tmp_path, capsys):

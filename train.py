@@ -65,7 +65,8 @@ def get_parser():
     g.add_argument("--d-model", type=int, default=None, help="token width")
     g.add_argument("--n-heads", type=int, default=None, help="attention heads (the units routed)")
     g.add_argument("--n-layers", type=int, default=None, help="PoH blocks applied at every inner step")
-    g.add_argument("--attn", default=None, choices=["global", "local"], help="local = self + 4 grid neighbours")
+    g.add_argument("--attn", default=None, choices=["global", "local", "open"],
+                   help="local = self + 4 grid neighbours; open = self + the neighbours not behind a wall (mazes)")
     g.add_argument("--pos", default="rope2d", choices=["rope2d", "none"], help="positional scheme")
 
     g = p.add_argument_group("controller")

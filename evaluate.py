@@ -1,0 +1,93 @@
+"""
+Score a trained checkpoint on the test split of a task, its own or another one: a maze12 model on larger mazes
+with more inner steps and segments (size generalisation), or an old run under new metric code.
+
+    python evaluate.py runs/maze12-hrm-s0                                   # its own test set, as trained
+    python evaluate.py runs/maze12-hrm-s0 --task maze16 --segments 12       # larger mazes, more refinement
+    python evaluate.py runs/maze12-hrm-s0 --task maze24 --inner-steps 16 --segments 12 --out gen24.json
+
+Defaults: the checkpoint's task, inner steps, segments and final temperature, and the test split of its data
+seed (the same items train.py's test.json was measured on; other maze sizes get their own cached pools from the
+same seeds). Prints the metrics of every segment and writes them as JSON with --out. The model never trains here.
+"""
+
+import argparse
+import json
+import os
+
+import torch
+
+import data
+import train
+from hrm_controller import temperature_at
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Score a checkpoint on a held-out test split.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="a checkpoint file, or a run folder (its best.pt)")
+    p.add_argument("--task", default=None, help="task to score on (default: the checkpoint's)")
+    p.add_argument("--inner-steps", type=int, default=None, help="inner steps per segment (default: the model's R)")
+    p.add_argument("--segments", type=int, default=None, help="segments with carried state (default: the run's)")
+    p.add_argument("--n-test", type=int, default=1000, help="test items")
+    p.add_argument("--data-dir", default=None, help="where generated maze sets are cached (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--out", default=None, help="write the result here as JSON")
+    return p
+
+
+def score(path, task_name=None, inner_steps=None, segments=None, n_test=1000, data_dir=None,
+          batch_size=128, device="cpu"):
+    """Returns {"task", "inner_steps", "segments", "n_test", **final segment metrics, "per_segment": [...]}."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "best.pt")
+    model, ckpt = train.load_checkpoint(path, device)
+    config = ckpt.get("config") or {}
+    own = config.get("task")
+    task_name = task_name or own
+    if task_name is None:
+        raise ValueError(f"{path} records no task; pass --task")
+    if train.task_kind(task_name) != train.task_kind(own or task_name):
+        raise ValueError(f"{path} was trained on {own}; it cannot be scored on {task_name}")
+    # the training pool only serves the overlap check here: the run's own pool for its own task, a small one else
+    n_train = config.get("n_train") if task_name == own else 100
+    task = data.make_task(task_name, seed=config.get("data_seed", 0), n_train=n_train, n_val=1, n_test=n_test,
+                          cache_dir=data_dir or config.get("data_dir", "data_cache"), target=config.get("target", "direction"), progress=False)
+    for name, n_classes in (("vocabulary", task.vocab_size), ("classes", task.n_classes)):
+        expected = model.cfg.vocab_size if name == "vocabulary" else model.cfg.n_classes
+        if n_classes != expected:
+            raise ValueError(f"{task_name} has {n_classes} {name}, the model {expected}: sorting length is fixed")
+    inner_steps = inner_steps or model.cfg.R
+    segments = segments or config.get("segments", 1)
+    temperature = temperature_at(1.0, config.get("temp_start", 1.0), config.get("temp_end", 1.0),
+                                 config.get("temp_floor", 0.0))
+    x, y = task.split("test")
+    per_seg = train.evaluate(model, task, x, y, segments, n_steps=inner_steps, temperature=temperature,
+                             batch_size=batch_size, device=device)
+    return {"checkpoint": path, "step": ckpt.get("step"), "task": task_name, "inner_steps": inner_steps,
+            "segments": segments, "n_test": len(x), **per_seg[-1], "per_segment": per_seg}
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    for flag, value in (("--inner-steps", args.inner_steps), ("--segments", args.segments), ("--n-test", args.n_test)):
+        if value is not None and value < 1:
+            raise SystemExit(f"error: {flag} must be >= 1, got {value}")
+    try:
+        result = score(args.checkpoint, args.task, args.inner_steps, args.segments, args.n_test, args.data_dir,
+                       args.batch_size, train.pick_device(args.device))
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(f"{result['checkpoint']} (step {result['step']}) on {result['task']}: {result['n_test']} test items, "
+          f"{result['segments']} segments x {result['inner_steps']} inner steps")
+    for s, seg in enumerate(result["per_segment"]):
+        print(f"  segment {s + 1}: " + " ".join(f"{k} {v:.4f}" for k, v in seg.items()))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
