@@ -78,7 +78,7 @@ def time_steps(model, x, y, grid, device, n_steps=5, warmup=2):
 def step_flops(cfg, B, N):
     """Hand count of matmul FLOPs in one training step (see the docstring)."""
     d, L = cfg.d_model, cfg.n_layers
-    attn_span = 5 if cfg.attn == "local" else N  # SDPA with a mask still computes all N keys; count what is used
+    attn_span = 5 if cfg.attn in ("local", "open") else N  # SDPA with a mask still computes all N keys; count what is used
     per_token = L * (2 * (3 * d * d + d * d + 2 * 4 * d * d) + 2 * 2 * attn_span * d)  # forward, one inner step
     grad_steps = min(cfg.grad_steps, cfg.R) if cfg.grad == "tbptt" else cfg.R
     return B * N * per_token * (cfg.R + 2 * grad_steps)
