@@ -53,11 +53,11 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=1000, da
     # the training pool only serves the overlap check here: the run's own pool for its own task, a small one else
     n_train = config.get("n_train") if task_name == own else 100
     task = data.make_task(task_name, seed=config.get("data_seed", 0), n_train=n_train, n_val=1, n_test=n_test,
-                          cache_dir=data_dir or config.get("data_dir", "data_cache"), target=config.get("target", "direction"), progress=False)
-    for name, n_classes in (("vocabulary", task.vocab_size), ("classes", task.n_classes)):
-        expected = model.cfg.vocab_size if name == "vocabulary" else model.cfg.n_classes
-        if n_classes != expected:
-            raise ValueError(f"{task_name} has {n_classes} {name}, the model {expected}: sorting length is fixed")
+                          cache_dir=data_dir or config.get("data_dir", "data_cache"),
+                          target=config.get("target", "direction"), progress=False)
+    if (task.vocab_size, task.n_classes) != (model.cfg.vocab_size, model.cfg.n_classes):
+        raise ValueError(f"{task_name} has {task.n_classes} classes over {task.vocab_size} tokens, the model "
+                         f"{model.cfg.n_classes} over {model.cfg.vocab_size} (a sorting model has a fixed length)")
     inner_steps = inner_steps or model.cfg.R
     segments = segments or config.get("segments", 1)
     temperature = temperature_at(1.0, config.get("temp_start", 1.0), config.get("temp_end", 1.0),
