@@ -13,13 +13,11 @@ same seeds). Prints the metrics of every segment and writes them as JSON with --
 
 import argparse
 import json
-import os
 
 import torch
 
 import data
 import train
-from hrm_controller import temperature_at
 
 
 def get_parser():
@@ -40,8 +38,7 @@ def get_parser():
 def score(path, task_name=None, inner_steps=None, segments=None, n_test=1000, data_dir=None,
           batch_size=128, device="cpu"):
     """Returns {"task", "inner_steps", "segments", "n_test", **final segment metrics, "per_segment": [...]}."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "best.pt")
+    path = train.checkpoint_file(path)
     model, ckpt = train.load_checkpoint(path, device)
     config = ckpt.get("config") or {}
     own = config.get("task")
@@ -58,10 +55,9 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=1000, da
     if (task.vocab_size, task.n_classes) != (model.cfg.vocab_size, model.cfg.n_classes):
         raise ValueError(f"{task_name} has {task.n_classes} classes over {task.vocab_size} tokens, the model "
                          f"{model.cfg.n_classes} over {model.cfg.vocab_size} (a sorting model has a fixed length)")
-    inner_steps = inner_steps or model.cfg.R
-    segments = segments or config.get("segments", 1)
-    temperature = temperature_at(1.0, config.get("temp_start", 1.0), config.get("temp_end", 1.0),
-                                 config.get("temp_floor", 0.0))
+    inner_steps = inner_steps or config.get("eval_steps") or model.cfg.R  # as train.py's test.json was measured
+    segments = segments or config["segments"]
+    temperature = train.final_temperature(config)
     x, y = task.split("test")
     per_seg = train.evaluate(model, task, x, y, segments, n_steps=inner_steps, temperature=temperature,
                              batch_size=batch_size, device=device)

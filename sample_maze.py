@@ -30,7 +30,7 @@ import torch
 import data
 import plots
 import train
-from hrm_controller import routing_entropy, temperature_at
+from hrm_controller import routing_entropy
 
 FRESH_SEED_BASE = 10**6  # far from the pool seeds 3 * data_seed + {0, 1, 2} that training uses
 
@@ -123,8 +123,7 @@ def maze_record(pool, b, scores, y, target):
 
 def load_maze_model(path, device="cpu"):
     """train.load_checkpoint plus the checks that it is a maze model; SystemExit with one line otherwise."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "best.pt")
+    path = train.checkpoint_file(path)
     try:
         model, ckpt = train.load_checkpoint(path, device)
     except (FileNotFoundError, ValueError) as exc:
@@ -162,7 +161,7 @@ def main(argv=None):
     n = args.grid_n or int(config["task"][4:])
     n_steps = args.inner_steps or config.get("eval_steps") or cfg.R
     segments = args.segments or config["segments"]
-    temperature = temperature_at(1.0, config["temp_start"], config["temp_end"], config["temp_floor"])
+    temperature = train.final_temperature(config)
     target = "direction" if cfg.n_classes == 5 else "path"  # as data.maze_metrics reads it
     out = args.out or os.path.join(os.path.dirname(path), "samples.png")
     stem = os.path.splitext(out)[0]

@@ -784,7 +784,7 @@ def test_summary_table_warns_only_when_parameter_counts_differ_by_more_than_5_pe
 @pytest.fixture(scope="module")
 def maze_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("maze5")
-    train.main(tiny_run_args(tmp, "maze5", "--controller", "hrm", "--R", "3", "--T", "2"))
+    train.main(tiny_run_args(tmp, "maze5", "--controller", "hrm", "--R", "3", "--T", "2", "--eval-steps", "4"))
     return tmp / "run"
 
 
@@ -814,6 +814,7 @@ def test_sample_maze_solves_larger_fresh_mazes_prints_and_draws(maze_run, tmp_pa
 def test_evaluate_reproduces_test_json_and_scores_larger_mazes_with_more_steps(maze_run, tmp_path, capsys):
     own = evaluate.main([str(maze_run), "--n-test", "12", "--out", str(tmp_path / "e.json")])
     test = json.load(open(maze_run / "test.json"))
+    assert own["inner_steps"] == 4  # the run's --eval-steps, as its test.json was measured
     assert own["n_test"] == test["n_test"] and own["per_segment"] == pytest.approx(test["per_segment"])
     assert json.load(open(tmp_path / "e.json"))["per_segment"] == own["per_segment"]
     big = evaluate.main([str(maze_run), "--task", "maze7", "--inner-steps", "5", "--segments", "3", "--n-test", "30"])

@@ -175,6 +175,16 @@ def one_line(exc):
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
+def checkpoint_file(path):
+    """A checkpoint file as given, or a run folder's best.pt."""
+    return os.path.join(path, "best.pt") if os.path.isdir(path) else path
+
+
+def final_temperature(config):
+    """The router temperature a run is evaluated at, the end of its anneal; config: the run's flags as a dict."""
+    return temperature_at(1.0, config["temp_start"], config["temp_end"], config["temp_floor"])
+
+
 def load_checkpoint(path, device="cpu"):
     """Load one of our checkpoints: returns (model, ckpt dict). Clear errors for missing or foreign files."""
     if not os.path.isfile(path):
@@ -405,8 +415,7 @@ def run(args):
     select = "optimal" if task_kind(args.task) == "maze" else "tau"
     x_val, y_val = task.split("val")
     eval_kw = dict(segments=args.segments, n_steps=args.eval_steps, batch_size=args.eval_batch_size,
-                   device=device, amp=amp, temperature=temperature_at(1.0, args.temp_start, args.temp_end,
-                                                                        args.temp_floor))
+                   device=device, amp=amp, temperature=final_temperature(vars(args)))
     bar = tqdm(total=args.max_steps, initial=step, disable=not master or args.no_progress, dynamic_ncols=True)
     next_eval = (step // args.eval_interval + 1) * args.eval_interval
     t_last, n_last = time.time(), 0
