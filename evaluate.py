@@ -14,8 +14,6 @@ same seeds). Prints the metrics of every segment and writes them as JSON with --
 import argparse
 import json
 
-import torch
-
 import data
 import train
 
