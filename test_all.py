@@ -779,6 +779,13 @@ def test_summary_table_warns_only_when_parameter_counts_differ_by_more_than_5_pe
     assert "WARNING: parameter counts differ by more than 5%" in ab.summary_table(rows(1060), ["tau"])
 
 
+@pytest.mark.parametrize("task", ["maze12", "sort12"])
+def test_recipe_controllers_are_matched_within_5_percent_in_parameters(task):
+    # the A/B compares hrm, poh and none at the recipe's shape; a wider controller would break the match
+    params = {c: bench.make_model(task, c, torch.device("cpu"))[0].num_params() for c in ("hrm", "poh", "none")}
+    assert params["none"] < params["poh"] < params["hrm"] <= 1.05 * params["none"], params
+
+
 # ---- pictures and sample_maze from a real (tiny) run
 
 @pytest.fixture(scope="module")

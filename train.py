@@ -37,10 +37,10 @@ from model import ModelConfig, PoHModel
 
 # Per-task defaults for the flags left unset (None) on the command line: the recipes.
 RECIPES = {
-    "maze": dict(d_model=64, n_heads=4, n_layers=2, attn="open", R=8, T=2, grad="tbptt", grad_steps=2,
+    "maze": dict(d_model=64, n_heads=4, n_layers=2, attn="open", d_ctrl=12, R=8, T=2, grad="tbptt", grad_steps=2,
                  supervise="last", segments=8, batch_size=64, lr=1e-3, max_steps=1500, eval_interval=200,
                  n_val=300, curriculum_steps=500),
-    "sort": dict(d_model=128, n_heads=4, n_layers=2, attn="global", R=4, T=2, grad="bptt", grad_steps=2,
+    "sort": dict(d_model=128, n_heads=4, n_layers=2, attn="global", d_ctrl=16, R=4, T=2, grad="bptt", grad_steps=2,
                  supervise="all", segments=1, batch_size=128, lr=1e-3, max_steps=2000, eval_interval=200,
                  n_val=2000, curriculum_steps=0),
 }
@@ -75,7 +75,7 @@ def get_parser():
     g.add_argument("--R", type=int, default=None, help="inner refinement steps per segment")
     g.add_argument("--T", type=int, default=None, help="slow module f_H updates when t %% T == 0")
     g.add_argument("--top-k", type=int, default=2, help="heads kept per token")
-    g.add_argument("--d-ctrl", type=int, default=16, help="controller GRU width")
+    g.add_argument("--d-ctrl", type=int, default=None, help="controller GRU width")
     g.add_argument("--temp-start", type=float, default=2.0, help="router temperature at step 0")
     g.add_argument("--temp-end", type=float, default=1.0, help="router temperature at the last step (linear)")
     g.add_argument("--temp-floor", type=float, default=0.0, help="the temperature never goes below this")
