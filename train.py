@@ -465,7 +465,6 @@ def run(args):
             out_of_time = any_rank(args.time_budget > 0 and time.time() - t_start - t_eval > args.time_budget)
             if step >= next_eval or step >= args.max_steps or out_of_time:
                 next_eval = (step // args.eval_interval + 1) * args.eval_interval
-                t_last, n_last = time.time(), 0
                 if master:
                     t0 = time.time()
                     per_seg = evaluate(ema or raw_model, task, x_val, y_val, **eval_kw)
@@ -480,6 +479,7 @@ def run(args):
                         best = final[select]
                     checkpoint()
                     t_eval += time.time() - t0
+                t_last, n_last = time.time(), 0  # samples/s counts training only, from here to the next evaluation
     except KeyboardInterrupt:
         # a Ctrl-C inside a batch saves that step; --resume then starts a fresh batch there, so only a resume from
         # an evaluation checkpoint (always at a batch boundary) replays the uninterrupted run exactly
