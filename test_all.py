@@ -851,8 +851,8 @@ def test_evaluate_reproduces_test_json_and_scores_larger_mazes_with_more_steps(m
 
 
 def test_evaluate_scores_a_sort_model_on_its_own_length_and_refuses_another(tmp_path):
-    train.main(tiny_run_args(tmp_path, "sort6", "--n-test", "1000"))
-    own = evaluate.main([str(tmp_path / "run"), "--n-test", "1000"])
+    train.main(tiny_run_args(tmp_path, "sort6"))
+    own = evaluate.main([str(tmp_path / "run")])  # evaluate.py's default: 1,000 test items
     assert own["task"] == "sort6" and own["n_test"] == 1000 and -1 <= own["tau"] <= 1
     with pytest.raises(SystemExit, match="a sorting model has a fixed length"):
         evaluate.main([str(tmp_path / "run"), "--task", "sort12"])
