@@ -92,7 +92,9 @@ class PoHAttention(nn.Module):
         q, k, v = self.qkv(x).split(D, dim=2)
         q, k, v = (z.view(B, N, H, D // H).transpose(1, 2) for z in (q, k, v))  # (B, H, N, Dh)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            # contiguous first: RoPE's elementwise ops on these strided views ran about 5x slower on CPU, 12% of a
+            # maze12 training step
+            q, k = apply_rope(q.contiguous(), *rope), apply_rope(k.contiguous(), *rope)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, Dh): one output per real head
         if alpha is not None:
             # scale by H so that uniform alpha = 1/H leaves o unchanged
