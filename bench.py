@@ -4,6 +4,7 @@ Benchmarks of the model and the training step on this machine: prints a table an
     python bench.py                      # throughput, memory against R, FLOP/s (a few minutes on a 2-core CPU)
     python bench.py --quick 600          # also: train the default maze12 recipe for 600 s, report held-out optimal
     python bench.py --device cuda --out bench-gpu.json
+    python bench.py --task maze4 --batch-size 4 --R 2 4   # a seconds-long smoke run (the test suite's)
 
 1. Training throughput (samples/s) of hrm, poh and none at the same shape, and the hrm/none step-time ratio.
 2. Memory against R (2, 4, 8, 16) for bptt and tbptt: bytes saved for backward (autograd hooks) and the peak
@@ -11,7 +12,7 @@ Benchmarks of the model and the training step on this machine: prints a table an
 3. Achieved FLOP/s of a training step against a matmul peak measured in the same run. FLOPs are counted by hand
    for the matmuls of the transformer (weights and attention): 2 per multiply-add forward, twice that backward,
    inner steps without gradient counted forward only. Controller, norms and softmax are left out (small).
-4. --quick SECONDS: time-to-accuracy of the default maze12 recipe through train.main with --time-budget.
+4. --quick SECONDS: time-to-accuracy of the task's default hrm recipe through train.main with --time-budget.
 """
 
 import argparse
@@ -109,10 +110,10 @@ def saved_bytes(model, x, y, grid):
     return total
 
 
-def peak_memory_probe(R, grad, device):
+def peak_memory_probe(task, R, grad, device, batch_size=None):
     """One training step in this process (started fresh by the parent): print its peak memory in bytes."""
-    model, args = make_model("maze12", "hrm", device, R=R, grad=grad, grad_steps=2)
-    x, y, grid = fake_batch(args, "maze12", device)
+    model, args = make_model(task, "hrm", device, R=R, grad=grad, grad_steps=2)
+    x, y, grid = fake_batch(args, task, device, batch_size, n_classes=model.cfg.n_classes)
     model(x, y, grid=grid)["loss"].backward()
     if device.type == "cuda":
         print(torch.cuda.max_memory_allocated())
@@ -120,24 +121,26 @@ def peak_memory_probe(R, grad, device):
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--task", default="maze12", help="the shape to benchmark (a task's default recipe)")
-    p.add_argument("--quick", type=float, default=0.0, help="also train maze12 for this many seconds")
+    p.add_argument("--batch-size", type=int, default=None, help="batch for sections 1-3 (default: the recipe's)")
+    p.add_argument("--R", type=int, nargs="+", default=[2, 4, 8, 16], help="inner steps for the memory table")
+    p.add_argument("--quick", type=float, default=0.0, help="also train the task's recipe for this many seconds")
     p.add_argument("--out", default="bench.json", help="JSON results")
     p.add_argument("--probe", nargs=2, metavar=("R", "GRAD"), help=argparse.SUPPRESS)  # internal: memory probe
-    a = p.parse_args()
+    a = p.parse_args(argv)
     device = pick_device(a.device)
     if a.probe:
-        return peak_memory_probe(int(a.probe[0]), a.probe[1], device)
+        return peak_memory_probe(a.task, int(a.probe[0]), a.probe[1], device, a.batch_size)
     results = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "task": a.task}
 
     print(f"1. training throughput, {a.task} default shape, {device}")
     step_s = {}
     for controller in ("none", "hrm", "poh"):
         model, args = make_model(a.task, controller, device)
-        x, y, grid = fake_batch(args, a.task, device, n_classes=model.cfg.n_classes)
+        x, y, grid = fake_batch(args, a.task, device, a.batch_size, n_classes=model.cfg.n_classes)
         step_s[controller] = time_steps(model, x, y, grid, device)
         print(f"  {controller:5s} {model.num_params():>9,} params  {step_s[controller]:.3f} s/step  "
               f"{len(x) / step_s[controller]:8.1f} samples/s")
@@ -145,14 +148,15 @@ def main():
     results["hrm_over_none"] = step_s["hrm"] / step_s["none"]
     print(f"  hrm/none step time ratio {results['hrm_over_none']:.3f} (goal <= 1.15)")
 
-    print("2. memory against R (hrm, maze12 shape, batch 8 for saved bytes; full batch for peak memory)")
+    print(f"2. memory against R (hrm, {a.task} shape, batch 8 for saved bytes; section 1's batch for peak memory)")
     rows = []
     for grad in ("bptt", "tbptt"):
-        for R in (2, 4, 8, 16):
-            model, args = make_model("maze12", "hrm", device, R=R, grad=grad, grad_steps=2)
-            x, y, grid = fake_batch(args, "maze12", device, batch_size=8)
+        for R in a.R:
+            model, args = make_model(a.task, "hrm", device, R=R, grad=grad, grad_steps=2)
+            x, y, grid = fake_batch(args, a.task, device, batch_size=8, n_classes=model.cfg.n_classes)
             sb = saved_bytes(model, x, y, grid)
-            cmd = [sys.executable, os.path.abspath(__file__), "--device", str(device), "--probe", str(R), grad]
+            cmd = [sys.executable, os.path.abspath(__file__), "--task", a.task, "--device", str(device),
+                   "--probe", str(R), grad] + (["--batch-size", str(a.batch_size)] if a.batch_size else [])
             peak = int(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1])
             rows.append({"grad": grad, "R": R, "saved_bytes": sb, "peak_bytes": peak})
             print(f"  {grad:5s} R={R:2d}  saved for backward {sb / 2**20:8.1f} MiB  peak {peak / 2**20:8.1f} MiB")
@@ -161,7 +165,7 @@ def main():
     print("3. achieved FLOP/s of a training step")
     peak = matmul_peak(device)
     model, args = make_model(a.task, "hrm", device)
-    x, y, grid = fake_batch(args, a.task, device, n_classes=model.cfg.n_classes)
+    x, y, grid = fake_batch(args, a.task, device, a.batch_size, n_classes=model.cfg.n_classes)
     flops = step_flops(model.cfg, *x.shape)
     achieved = flops / step_s["hrm"]
     results["flops"] = {"matmul_peak": peak, "step_flops": flops, "achieved": achieved, "fraction": achieved / peak}
@@ -170,16 +174,18 @@ def main():
 
     if a.quick > 0:
         import train
-        print(f"4. time-to-accuracy: default maze12 hrm recipe for {a.quick:.0f} s of training")
+        print(f"4. time-to-accuracy: default {a.task} hrm recipe for {a.quick:.0f} s of training")
         out_dir = f"runs/bench-quick-{int(time.time())}"
-        result = train.main(["--task", "maze12", "--time-budget", str(a.quick), "--out-dir", out_dir,
+        result = train.main(["--task", a.task, "--time-budget", str(a.quick), "--out-dir", out_dir,
                              "--no-progress"])
         results["quick"] = {"seconds": a.quick, "out_dir": out_dir,
                             **{k: v for k, v in result.items() if k != "per_segment"}}
-        print(f"  held-out test optimal {result['optimal']:.4f} over {result['n_test']} mazes (run in {out_dir})")
+        metric = "optimal" if task_kind(a.task) == "maze" else "tau"
+        print(f"  held-out test {metric} {result[metric]:.4f} over {result['n_test']} items (run in {out_dir})")
     with open(a.out, "w") as f:
         json.dump(results, f, indent=2)
     print(f"wrote {a.out}")
+    return results
 
 
 if __name__ == "__main__":

@@ -800,6 +800,24 @@ def test_recipe_controllers_are_matched_within_5_percent_in_parameters(task):
     assert params["none"] < params["poh"] < params["hrm"] <= 1.05 * params["none"], params
 
 
+def test_bench_main_writes_its_table_as_json_with_flat_tbptt_memory(tmp_path):
+    # the whole benchmark on a tiny maze shape: every section present, tbptt flat in R, bptt growing
+    out = tmp_path / "bench.json"
+    results = bench.main(["--task", "maze4", "--device", "cpu", "--batch-size", "4", "--R", "2", "4", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    assert set(results["step_seconds"]) == {"none", "hrm", "poh"} and min(results["step_seconds"].values()) > 0
+    assert results["hrm_over_none"] == pytest.approx(results["step_seconds"]["hrm"] / results["step_seconds"]["none"])
+    mem = {(r["grad"], r["R"]): r for r in results["memory"]}
+    assert set(mem) == {(g, R) for g in ("bptt", "tbptt") for R in (2, 4)}
+    assert mem["tbptt", 4]["saved_bytes"] == mem["tbptt", 2]["saved_bytes"]
+    assert mem["bptt", 4]["saved_bytes"] > 1.5 * mem["bptt", 2]["saved_bytes"]
+    assert all(r["peak_bytes"] > 10 * 2**20 for r in results["memory"])  # a real process's RSS, not a stub
+    flops = results["flops"]
+    assert flops["step_flops"] == bench.step_flops(bench.make_model("maze4", "hrm", torch.device("cpu"))[0].cfg, 4, 16)
+    assert 0 < flops["fraction"] == pytest.approx(flops["achieved"] / flops["matmul_peak"])
+    assert "quick" not in results
+
+
 # ---- pictures and sample_maze from a real (tiny) run
 
 @pytest.fixture(scope="module")
