@@ -38,7 +38,7 @@ from model import ModelConfig, PoHModel
 # Per-task defaults for the flags left unset (None) on the command line: the recipes.
 RECIPES = {
     "maze": dict(d_model=64, n_heads=4, n_layers=2, attn="open", d_ctrl=12, R=8, T=2, grad="tbptt", grad_steps=2,
-                 supervise="last", segments=8, batch_size=64, lr=1e-3, max_steps=1500, eval_interval=200,
+                 supervise="last", segments=8, batch_size=64, lr=1e-3, max_steps=4000, eval_interval=200,
                  n_val=300, curriculum_steps=500),
     "sort": dict(d_model=128, n_heads=4, n_layers=2, attn="global", d_ctrl=16, R=4, T=2, grad="bptt", grad_steps=2,
                  supervise="all", segments=1, batch_size=128, lr=1e-3, max_steps=2000, eval_interval=200,
