@@ -45,13 +45,14 @@ def make_model(task, controller, device, **overrides):
     return PoHModel(cfg, verbose=False).to(device), args
 
 
-def fake_batch(args, task, device, batch_size=None, n_classes=5):
+def fake_batch(model, args, task, device, batch_size=None):
+    """Random tokens and labels of the task's shape for `model` (from make_model); batch_size None: the recipe's."""
     n = int(task[4:]) if task_kind(task) == "maze" else int(task[4:].split("-")[0])
     N, grid = (n * n, (n, n)) if task_kind(task) == "maze" else (n, (1, n))
     g = torch.Generator().manual_seed(0)
     B = batch_size or args.batch_size
     x = torch.randint(0, 48, (B, N), generator=g).to(device)
-    return x, torch.randint(0, n_classes, (B, N), generator=g).to(device), grid
+    return x, torch.randint(0, model.cfg.n_classes, (B, N), generator=g).to(device), grid
 
 
 def sync(device):
@@ -113,7 +114,7 @@ def saved_bytes(model, x, y, grid):
 def peak_memory_probe(task, R, grad, device, batch_size=None):
     """One training step in this process (started fresh by the parent): print its peak memory in bytes."""
     model, args = make_model(task, "hrm", device, R=R, grad=grad, grad_steps=2)
-    x, y, grid = fake_batch(args, task, device, batch_size, n_classes=model.cfg.n_classes)
+    x, y, grid = fake_batch(model, args, task, device, batch_size)
     model(x, y, grid=grid)["loss"].backward()
     if device.type == "cuda":
         print(torch.cuda.max_memory_allocated())
@@ -140,8 +141,10 @@ def main(argv=None):
     step_s = {}
     for controller in ("none", "hrm", "poh"):
         model, args = make_model(a.task, controller, device)
-        x, y, grid = fake_batch(args, a.task, device, a.batch_size, n_classes=model.cfg.n_classes)
+        x, y, grid = fake_batch(model, args, a.task, device, a.batch_size)
         step_s[controller] = time_steps(model, x, y, grid, device)
+        if controller == "hrm":
+            flops = step_flops(model.cfg, *x.shape)  # for section 3
         print(f"  {controller:5s} {model.num_params():>9,} params  {step_s[controller]:.3f} s/step  "
               f"{len(x) / step_s[controller]:8.1f} samples/s")
     results["step_seconds"] = step_s
@@ -153,7 +156,7 @@ def main(argv=None):
     for grad in ("bptt", "tbptt"):
         for R in a.R:
             model, args = make_model(a.task, "hrm", device, R=R, grad=grad, grad_steps=2)
-            x, y, grid = fake_batch(args, a.task, device, batch_size=8, n_classes=model.cfg.n_classes)
+            x, y, grid = fake_batch(model, args, a.task, device, batch_size=8)
             sb = saved_bytes(model, x, y, grid)
             cmd = [sys.executable, os.path.abspath(__file__), "--task", a.task, "--device", str(device),
                    "--probe", str(R), grad] + (["--batch-size", str(a.batch_size)] if a.batch_size else [])
@@ -164,9 +167,6 @@ def main(argv=None):
 
     print("3. achieved FLOP/s of a training step")
     peak = matmul_peak(device)
-    model, args = make_model(a.task, "hrm", device)
-    x, y, grid = fake_batch(args, a.task, device, a.batch_size, n_classes=model.cfg.n_classes)
-    flops = step_flops(model.cfg, *x.shape)
     achieved = flops / step_s["hrm"]
     results["flops"] = {"matmul_peak": peak, "step_flops": flops, "achieved": achieved, "fraction": achieved / peak}
     print(f"  matmul peak {peak / 1e9:.1f} GFLOP/s; step {flops / 1e9:.1f} GFLOP; achieved {achieved / 1e9:.1f} "
