@@ -1021,6 +1021,22 @@ def test_sigkill_mid_run_then_resume_gives_exactly_the_uninterrupted_weights_met
     assert json.loads((run / "test.json").read_text()) == json.loads(json.dumps(ref_result))
     # the log was trimmed back to the checkpoint and continued: no gaps, no repeats
     assert log_without_timings(run) == log_without_timings(tmp_path / "ref" / "run")
+    # and the training clock went on from the checkpoint instead of starting again at 0
+    clock = [json.loads(line)["train_seconds"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["split"] == "val"]
+    assert len(clock) == 15 and clock == sorted(clock) and clock[0] > 0
+
+
+def test_time_budget_counts_the_training_time_before_a_resume(tmp_path):
+    args = with_flags(tiny_run_args(tmp_path, "sort6"), max_steps=40, eval_interval=20)
+    train.main(args)
+    trained = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["train_seconds"]
+    val = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert trained >= [r for r in val if r["split"] == "val"][-1]["train_seconds"] > 0
+    # a budget the run has already spent: one batch (2 segments, 2 steps), then it evaluates, tests and stops
+    train.main(with_flags(args, max_steps=4000, time_budget=trained / 2) + ["--resume"])
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 42 and ckpt["train_seconds"] > trained
 
 
 def test_ctrl_c_saves_a_consistent_checkpoint_exits_130_and_the_run_resumes(tmp_path, one_thread):

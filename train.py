@@ -102,7 +102,8 @@ def get_parser():
     g.add_argument("--batch-size", type=int, default=None, help="global batch size (split over processes)")
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (the LR schedule's length)")
     g.add_argument("--time-budget", type=float, default=0.0,
-                   help="stop training after this many seconds (0: no limit); the run then evaluates and tests")
+                   help="stop after this many seconds of training, counted over resumes (0: no limit); the run "
+                        "then evaluates and tests")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
     g.add_argument("--min-lr-frac", type=float, default=0.1, help="the cosine ends at this fraction of the peak")
     g.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
@@ -354,7 +355,7 @@ def run(args):
                                            verbose=master)
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema > 0 else None
     gen = torch.Generator().manual_seed(args.seed)  # the data order: every rank draws the same global batch
-    step, best = 0, -float("inf")
+    step, best, trained = 0, -float("inf"), 0.0  # trained: seconds of training so far, over every resume
     if args.resume:
         try:
             _, ckpt = load_checkpoint(ckpt_path)
@@ -376,6 +377,7 @@ def run(args):
         except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
             raise SystemExit(f"error: cannot resume from {ckpt_path} with these flags ({one_line(exc)})") from None
         step, best = ckpt["step"], ckpt["best_val"]
+        trained = ckpt.get("train_seconds", 0.0)  # absent from checkpoints of older versions: the clock restarts
         print0(f"resumed from {ckpt_path} at step {step}")
     raw_model = model  # saved and evaluated; the wrapped one trains
     if args.compile:
@@ -410,6 +412,7 @@ def run(args):
     def checkpoint():
         save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": asdict(cfg),
                      "ema": ema.state_dict() if ema is not None else None, "step": step, "best_val": best,
+                     "train_seconds": time.time() - t_start - t_eval,
                      "data_rng": gen.get_state(), "torch_rng": torch.get_rng_state(), "config": vars(args)}, ckpt_path)
 
     select = "optimal" if task_kind(args.task) == "maze" else "tau"
@@ -419,7 +422,9 @@ def run(args):
     bar = tqdm(total=args.max_steps, initial=step, disable=not master or args.no_progress, dynamic_ncols=True)
     next_eval = (step // args.eval_interval + 1) * args.eval_interval
     t_last, n_last = time.time(), 0
-    t_start, t_eval, out_of_time = time.time(), 0.0, False  # t_eval: time spent evaluating, not training
+    # the training clock: wall time since t_start, less t_eval (time spent evaluating); a resumed run's clock goes on
+    # from its checkpoint, so train_seconds and --time-budget count the whole run
+    t_start, t_eval, out_of_time = time.time() - trained, 0.0, False
     try:
         while step < args.max_steps and not out_of_time:
             x, y = task.train_batch(args.batch_size, gen, **curriculum_at(step, args, task))
@@ -477,8 +482,8 @@ def run(args):
                                      "step": step, "best_val": final[select], "config": vars(args)},
                                     os.path.join(args.out_dir, "best.pt"))
                         best = final[select]
-                    checkpoint()
                     t_eval += time.time() - t0
+                    checkpoint()
                 t_last, n_last = time.time(), 0  # samples/s counts training only, from here to the next evaluation
     except KeyboardInterrupt:
         # a Ctrl-C inside a batch saves that step; --resume then starts a fresh batch there, so only a resume from
