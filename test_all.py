@@ -993,9 +993,12 @@ def log_without_timings(run):
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_sigkill_mid_run_then_resume_gives_exactly_the_uninterrupted_weights_metrics_and_log(tmp_path, one_thread):
-    # hrm controller, 2 segments per batch, EMA and a warmup: every piece of state a resume must restore
-    flags = dict(max_steps=300, eval_interval=20, warmup=30, ema=0.9)
+@pytest.mark.parametrize("batching", ["fixed", "rolling"])
+def test_sigkill_mid_run_then_resume_gives_exactly_the_uninterrupted_weights_metrics_and_log(tmp_path, one_thread,
+                                                                                             batching):
+    # hrm controller, 2 segments per sample, EMA and a warmup: every piece of state a resume must restore; with
+    # rolling batches half the samples are one segment in at every checkpoint, so their carried state must be saved
+    flags = dict(max_steps=300, eval_interval=20, warmup=30, ema=0.9, batching=batching)
     ref_args = with_flags(tiny_run_args(tmp_path / "ref", "sort6"), **flags)
     args = with_flags(tiny_run_args(tmp_path / "cut", "sort6"), **flags)
     ref_result = train.main(ref_args)
@@ -1056,9 +1059,41 @@ def test_ctrl_c_saves_a_consistent_checkpoint_exits_130_and_the_run_resumes(tmp_
     assert 20 <= step < 100000 and f"at step {step};" in out
     # a state the run was really in: the step counter matches the optimizer's own count of updates
     assert max(int(s["step"]) for s in ckpt["optimizer"]["state"].values()) == step
-    # --resume picks it up (a Ctrl-C inside a batch continues with a fresh batch) and finishes
+    # the batch in flight was saved with it: 2 segments per batch, so one segment done after an odd step; after an
+    # even step both, or none if the Ctrl-C came after the next batch was drawn
+    age = ckpt["carry"]["age"].tolist()
+    assert age == [1] * 4 if step % 2 else age in ([2] * 4, [0] * 4)
+    # --resume picks it up (and goes on with that batch) and finishes
     result = train.main(with_flags(args, max_steps=step + 3) + ["--resume"])
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == step + 3 and "tau" in result
+
+
+@pytest.mark.parametrize("batching", ["fixed", "rolling"])
+def test_carry_gives_each_sample_all_its_segments_and_the_state_it_ended_with(batching):
+    args = train.resolve_args(["--task", "sort6", "--d-model", "16", "--n-heads", "2", "--n-layers", "1", "--R", "2",
+                               "--segments", "4", "--batch-size", "8", "--batching", batching])
+    task = data.make_task("sort6", n_val=8, n_test=8)
+    model = PoHModel(train.model_config(args, task), verbose=False)
+    carry = train.Carry(args, task, torch.Generator().manual_seed(0))
+    x_prev = state_prev = None
+    for step in range(12):
+        x, y, state = (v.clone() if torch.is_tensor(v) else {k: t.clone() for k, t in v.items()}
+                       for v in carry.next(model, step, "cpu"))
+        assert x.shape == y.shape == (8, 6)
+        if step:
+            # rolling: slot i is replaced once its 4 segments are done, at steps where (i + step) % 4 == 0
+            # (slot i started i % 4 segments in); fixed: all slots together, every 4th step
+            slot = torch.arange(8)
+            new = (slot + step) % 4 == 0 if batching == "rolling" else torch.full((8,), step % 4 == 0)
+            assert torch.equal((x != x_prev).any(1), new), step
+            fresh = model.init_state(x)
+            for k in state:  # a new sample starts from the initial state; the others carry what they ended with
+                assert torch.equal(state[k][new], fresh[k][new]) and torch.equal(state[k][~new], state_prev[k][~new])
+        out = model(x, y, state=state)
+        carry.advance(out["state"])
+        x_prev, state_prev = x, out["state"]
+    start = torch.arange(8) % 4 if batching == "rolling" else torch.zeros(8, dtype=torch.long)
+    assert torch.equal(carry.age, (start + 11) % 4 + 1)  # segments run by each slot's sample after step 11
 
 
 @pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), KeyboardInterrupt()])

@@ -96,7 +96,10 @@ def get_parser():
     g.add_argument("--supervise", default=None, help="task loss on inner steps: last, all or every-K")
     g.add_argument("--supervise-every", type=int, default=None,
                    help="sparse supervision: the task loss on every K-th inner step and the last (= --supervise every-K)")
-    g.add_argument("--segments", type=int, default=None, help="segments per batch, one optimizer step each")
+    g.add_argument("--segments", type=int, default=None, help="segments per sample, one optimizer step each")
+    g.add_argument("--batching", default="fixed", choices=["fixed", "rolling"],
+                   help="fixed: a batch runs all its segments, then a new batch comes; rolling (HRM's carry): every "
+                        "step, the samples done with their segments make way for new ones, so a batch mixes depths")
     g.add_argument("--ponder-weight", type=float, default=0.0, help="> 0: learned halting (PonderNet) with this KL weight")
     g.add_argument("--ponder-prior", type=float, default=0.5, help="per-step halting probability of the prior")
     g.add_argument("--batch-size", type=int, default=None, help="global batch size (split over processes)")
@@ -278,6 +281,61 @@ def curriculum_at(step, args, task):
     return {"max_path_len": int(anneal(task.seq_len // 12, task.seq_len, step / args.curriculum_steps))}
 
 
+class Carry:
+    """The samples the next optimizer step trains on, and the state each carries into its next segment.
+
+    Every sample runs --segments segments, one optimizer step each, then a new sample takes its slot. With
+    --batching fixed all slots start together, so a batch runs all its segments and then the next batch comes. With
+    --batching rolling slot i starts i % segments segments in, so each step replaces about batch / segments samples
+    and every batch mixes all depths, as in HRM, where a halted sample makes way for a new one. The slots go into
+    ckpt.pt (single process), so a resume continues the very batch it stopped in."""
+
+    def __init__(self, args, task, gen, rank=0, world=1):
+        self.args, self.task, self.gen = args, task, gen
+        per = args.batch_size // world
+        self.lo, self.hi = rank * per, (rank + 1) * per  # this process's share of the global slots
+        self.age = self.x = self.y = self.state = None  # age: segments run by each global slot's sample
+
+    @torch.no_grad()
+    def next(self, model, step, device):
+        """(x, y, state) for this step; slots that have run all their segments get new samples first, drawn from
+        gen for the whole global batch (every process draws the same) and each with the model's initial state."""
+        B, S = self.args.batch_size, self.args.segments
+        first = self.age is None
+        done = torch.arange(B) if first else (self.age >= S).nonzero().squeeze(1)
+        if len(done):
+            x, y = self.task.train_batch(len(done), self.gen, **curriculum_at(step, self.args, self.task))
+            mine = (done >= self.lo) & (done < self.hi)
+            x, y, rows = x[mine].to(device), y[mine].to(device), done[mine] - self.lo
+            fresh = model.init_state(x)
+            if first:
+                self.x, self.y, self.state = x, y, fresh
+                rolling = self.args.batching == "rolling"
+                self.age = torch.arange(B) % S if rolling else torch.zeros(B, dtype=torch.long)
+            else:
+                self.x[rows], self.y[rows], self.age[done] = x, y, 0
+                for k, v in fresh.items():
+                    self.state[k][rows] = v
+        return self.x, self.y, self.state
+
+    def advance(self, state):
+        """After the optimizer step: every slot has run one more segment and carries the state it ended with."""
+        self.age += 1
+        self.state = state
+
+    def state_dict(self):
+        if self.age is None:
+            return None
+        state = {k: v.cpu() for k, v in self.state.items()}
+        return {"age": self.age, "x": self.x.cpu(), "y": self.y.cpu(), "state": state}
+
+    def load_state_dict(self, saved, device):
+        if saved is None or len(saved["age"]) != self.args.batch_size:  # nothing drawn yet, or another batch size
+            return
+        self.age, self.x, self.y = saved["age"], saved["x"].to(device), saved["y"].to(device)
+        self.state = {k: v.to(device) for k, v in saved["state"].items()}
+
+
 @torch.no_grad()
 def evaluate(model, task, x, y, segments, n_steps=None, temperature=1.0, batch_size=256, device="cpu", amp=None):
     """Run `segments` segments over (x, y) and score each one. Returns a list of metric dicts, one per segment
@@ -355,6 +413,7 @@ def run(args):
                                            verbose=master)
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema > 0 else None
     gen = torch.Generator().manual_seed(args.seed)  # the data order: every rank draws the same global batch
+    carry = Carry(args, task, gen, rank, world)
     step, best, trained = 0, -float("inf"), 0.0  # trained: seconds of training so far, over every resume
     if args.resume:
         try:
@@ -378,6 +437,8 @@ def run(args):
             raise SystemExit(f"error: cannot resume from {ckpt_path} with these flags ({one_line(exc)})") from None
         step, best = ckpt["step"], ckpt["best_val"]
         trained = ckpt.get("train_seconds", 0.0)  # absent from checkpoints of older versions: the clock restarts
+        if world == 1:
+            carry.load_state_dict(ckpt.get("carry"), device)  # absent before: the resume starts a fresh batch
         print0(f"resumed from {ckpt_path} at step {step}")
     raw_model = model  # saved and evaluated; the wrapped one trains
     if args.compile:
@@ -413,6 +474,7 @@ def run(args):
         save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": asdict(cfg),
                      "ema": ema.state_dict() if ema is not None else None, "step": step, "best_val": best,
                      "train_seconds": time.time() - t_start - t_eval,
+                     "carry": carry.state_dict() if world == 1 else None,
                      "data_rng": gen.get_state(), "torch_rng": torch.get_rng_state(), "config": vars(args)}, ckpt_path)
 
     select = "optimal" if task_kind(args.task) == "maze" else "tau"
@@ -427,40 +489,36 @@ def run(args):
     t_start, t_eval, out_of_time = time.time() - trained, 0.0, False
     try:
         while step < args.max_steps and not out_of_time:
-            x, y = task.train_batch(args.batch_size, gen, **curriculum_at(step, args, task))
-            per = args.batch_size // world
-            x, y = x[rank * per:(rank + 1) * per].to(device), y[rank * per:(rank + 1) * per].to(device)
-            state = None
-            for _ in range(args.segments):
-                if step >= args.max_steps:
-                    break
-                frac = step / args.max_steps
-                for group in optimizer.param_groups:
-                    group["lr"] = group["base_lr"] * lr_at(step, args)
-                temperature = temperature_at(frac, args.temp_start, args.temp_end, args.temp_floor)
-                ew = anneal(args.entropy_weight, 0.0, frac) if args.entropy_anneal else args.entropy_weight
-                with amp or nullcontext():
-                    out = model(x, y, state=state, temperature=temperature, entropy_weight=ew, grid=task.grid)
-                loss = out["loss"]
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                # --grad-clip 0 still measures the norm (max_norm inf scales the gradients by exactly 1)
-                max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")
-                norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
-                # a NaN or inf must stop the run before it reaches the weights and, through them, ckpt.pt
-                if any_rank(not (torch.isfinite(loss) and torch.isfinite(norm))):
-                    raise FloatingPointError(f"non-finite loss or gradient at step {step} "
-                                             f"(loss {loss.item():.4g}, gradient norm {norm.item():.4g})")
-                with sigint_deferred():
-                    optimizer.step()
-                    if ema is not None:
-                        with torch.no_grad():
-                            for pe, pm in zip(ema.parameters(), raw_model.parameters()):
-                                pe.lerp_(pm, 1 - args.ema)
-                    step += 1
-                state = out["state"]
-                n_last += len(x) * world
-                bar.update(1)
+            x, y, state = carry.next(raw_model, step, device)
+            frac = step / args.max_steps
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_at(step, args)
+            temperature = temperature_at(frac, args.temp_start, args.temp_end, args.temp_floor)
+            ew = anneal(args.entropy_weight, 0.0, frac) if args.entropy_anneal else args.entropy_weight
+            with amp or nullcontext():
+                out = model(x, y, state=state, temperature=temperature, entropy_weight=ew, grid=task.grid)
+            loss = out["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            # --grad-clip 0 still measures the norm (max_norm inf scales the gradients by exactly 1)
+            max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")
+            norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
+            # a NaN or inf must stop the run before it reaches the weights and, through them, ckpt.pt
+            if any_rank(not (torch.isfinite(loss) and torch.isfinite(norm))):
+                raise FloatingPointError(f"non-finite loss or gradient at step {step} "
+                                         f"(loss {loss.item():.4g}, gradient norm {norm.item():.4g})")
+            with sigint_deferred():
+                optimizer.step()
+                if ema is not None:
+                    with torch.no_grad():
+                        for pe, pm in zip(ema.parameters(), raw_model.parameters()):
+                            pe.lerp_(pm, 1 - args.ema)
+                step += 1
+                carry.advance(out["state"])
+            n_last += len(x) * world
+            bar.update(1)
+            if step % args.segments and step < args.max_steps:
+                continue  # the log, the time check and evaluation come once every --segments steps
             parts = {k: float(v.detach()) for k, v in out["parts"].items() if k != "halt_p"}
             rate = n_last / max(time.time() - t_last, 1e-9)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}",
@@ -486,8 +544,8 @@ def run(args):
                     checkpoint()
                 t_last, n_last = time.time(), 0  # samples/s counts training only, from here to the next evaluation
     except KeyboardInterrupt:
-        # a Ctrl-C inside a batch saves that step; --resume then starts a fresh batch there, so only a resume from
-        # an evaluation checkpoint (always at a batch boundary) replays the uninterrupted run exactly
+        # a Ctrl-C saves the step it stopped after, with the batch in flight, so --resume replays the uninterrupted
+        # run (under DDP only rank 0's slots could be saved: a resume there starts a fresh batch)
         if master:
             checkpoint()
             print0(f"\ninterrupted: saved {ckpt_path} at step {step}; continue with --resume")
