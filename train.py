@@ -544,8 +544,8 @@ def run(args):
                     checkpoint()
                 t_last, n_last = time.time(), 0  # samples/s counts training only, from here to the next evaluation
     except KeyboardInterrupt:
-        # a Ctrl-C saves the step it stopped after, with the batch in flight, so --resume replays the uninterrupted
-        # run (under DDP only rank 0's slots could be saved: a resume there starts a fresh batch)
+        # a Ctrl-C saves the step it stopped after, with the batch in flight, so --resume goes on inside that batch
+        # (under DDP only rank 0's slots could be saved: a resume there starts a fresh batch)
         if master:
             checkpoint()
             print0(f"\ninterrupted: saved {ckpt_path} at step {step}; continue with --resume")
