@@ -1132,6 +1132,8 @@ def test_torchrun_two_cpu_processes_match_one_process_with_the_same_global_batch
     # each rank trained on its own half of the batch; DDP's averaged gradient is the full batch's
     for k in one["model"]:
         torch.testing.assert_close(two["model"][k], one["model"][k], rtol=1e-5, atol=1e-5)
+    # a rank holds only its half of the batch in flight, so the two-process checkpoint saves none
+    assert one["carry"] is not None and two["carry"] is None
     # only rank 0 logged: one test line, and the same records as the single process (none twice), with the same
     # validation scores (test.json may differ: on 12 items two checkpoints can tie for best and flip)
     assert r.stdout.count("test (") == 1 and "tau" in single

@@ -294,6 +294,7 @@ class Carry:
         self.args, self.task, self.gen = args, task, gen
         per = args.batch_size // world
         self.lo, self.hi = rank * per, (rank + 1) * per  # this process's share of the global slots
+        self.whole = world == 1  # one process holds the whole batch; with several each holds a share: none is saved
         self.age = self.x = self.y = self.state = None  # age: segments run by each global slot's sample
 
     @torch.no_grad()
@@ -324,14 +325,14 @@ class Carry:
         self.state = state
 
     def state_dict(self):
-        if self.age is None:
+        if self.age is None or not self.whole:
             return None
         state = {k: v.cpu() for k, v in self.state.items()}
         return {"age": self.age, "x": self.x.cpu(), "y": self.y.cpu(), "state": state}
 
     def load_state_dict(self, saved, device):
-        if saved is None or len(saved["age"]) != self.args.batch_size:  # nothing drawn yet, or another batch size
-            return
+        if saved is None or not self.whole or len(saved["age"]) != self.args.batch_size:
+            return  # nothing drawn yet, several processes, or another batch size: the run starts a fresh batch
         self.age, self.x, self.y = saved["age"], saved["x"].to(device), saved["y"].to(device)
         self.state = {k: v.to(device) for k, v in saved["state"].items()}
 
@@ -437,8 +438,7 @@ def run(args):
             raise SystemExit(f"error: cannot resume from {ckpt_path} with these flags ({one_line(exc)})") from None
         step, best = ckpt["step"], ckpt["best_val"]
         trained = ckpt.get("train_seconds", 0.0)  # absent from checkpoints of older versions: the clock restarts
-        if world == 1:
-            carry.load_state_dict(ckpt.get("carry"), device)  # absent before: the resume starts a fresh batch
+        carry.load_state_dict(ckpt.get("carry"), device)  # absent from older checkpoints: a fresh batch
         print0(f"resumed from {ckpt_path} at step {step}")
     raw_model = model  # saved and evaluated; the wrapped one trains
     if args.compile:
@@ -474,7 +474,7 @@ def run(args):
         save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": asdict(cfg),
                      "ema": ema.state_dict() if ema is not None else None, "step": step, "best_val": best,
                      "train_seconds": time.time() - t_start - t_eval,
-                     "carry": carry.state_dict() if world == 1 else None,
+                     "carry": carry.state_dict(),
                      "data_rng": gen.get_state(), "torch_rng": torch.get_rng_state(), "config": vars(args)}, ckpt_path)
 
     select = "optimal" if task_kind(args.task) == "maze" else "tau"
