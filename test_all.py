@@ -344,6 +344,14 @@ def test_supervise_every_3_gives_gradient_only_to_the_intended_steps():
     assert train.resolve_args(["--task", "sort12", "--supervise-every", "3"]).supervise == "every-3"
 
 
+def test_unset_flags_take_the_task_recipe_and_explicit_flags_win():
+    maze, sort = train.resolve_args(["--task", "maze12"]), train.resolve_args(["--task", "sort12"])
+    assert (maze.batching, maze.max_steps, maze.attn, maze.segments) == ("rolling", 5000, "open", 8)
+    assert (sort.batching, sort.max_steps, sort.attn, sort.segments) == ("fixed", 2000, "global", 1)
+    mine = train.resolve_args(["--task", "maze12", "--batching", "fixed", "--max-steps", "4000", "--R", "3"])
+    assert (mine.batching, mine.max_steps, mine.R, mine.d_model) == ("fixed", 4000, 3, 64)
+
+
 @pytest.mark.parametrize("L", [16, 20, 24])
 def test_longer_sort_tasks_give_permutations_and_a_reference_near_half(L):
     task = data.make_task(f"sort{L}", n_val=200, n_test=400)

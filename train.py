@@ -38,11 +38,11 @@ from model import ModelConfig, PoHModel
 # Per-task defaults for the flags left unset (None) on the command line: the recipes.
 RECIPES = {
     "maze": dict(d_model=64, n_heads=4, n_layers=2, attn="open", d_ctrl=12, R=8, T=2, grad="tbptt", grad_steps=2,
-                 supervise="last", segments=8, batch_size=64, lr=1e-3, max_steps=4000, eval_interval=200,
-                 n_val=300, curriculum_steps=500),
+                 supervise="last", segments=8, batching="rolling", batch_size=64, lr=1e-3, max_steps=5000,
+                 eval_interval=200, n_val=300, curriculum_steps=500),
     "sort": dict(d_model=128, n_heads=4, n_layers=2, attn="global", d_ctrl=16, R=4, T=2, grad="bptt", grad_steps=2,
-                 supervise="all", segments=1, batch_size=128, lr=1e-3, max_steps=2000, eval_interval=200,
-                 n_val=2000, curriculum_steps=0),
+                 supervise="all", segments=1, batching="fixed", batch_size=128, lr=1e-3, max_steps=2000,
+                 eval_interval=200, n_val=2000, curriculum_steps=0),
 }
 
 
@@ -97,7 +97,7 @@ def get_parser():
     g.add_argument("--supervise-every", type=int, default=None,
                    help="sparse supervision: the task loss on every K-th inner step and the last (= --supervise every-K)")
     g.add_argument("--segments", type=int, default=None, help="segments per sample, one optimizer step each")
-    g.add_argument("--batching", default="fixed", choices=["fixed", "rolling"],
+    g.add_argument("--batching", default=None, choices=["fixed", "rolling"],
                    help="fixed: a batch runs all its segments, then a new batch comes; rolling (HRM's carry): every "
                         "step, the samples done with their segments make way for new ones, so a batch mixes depths")
     g.add_argument("--ponder-weight", type=float, default=0.0, help="> 0: learned halting (PonderNet) with this KL weight")
