@@ -1050,10 +1050,35 @@ def test_time_budget_counts_the_training_time_before_a_resume(tmp_path):
     assert ckpt["step"] == 42 and ckpt["train_seconds"] > trained
 
 
+def test_ctrl_c_inside_the_optimizer_step_waits_for_its_end_and_an_ignored_one_stays_ignored():
+    done, outer = [], signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own Ctrl-C handler
+        with pytest.raises(KeyboardInterrupt):
+            with train.sigint_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.01)  # time for the handler to run, as a long optimizer step would give it
+                done.append("step finished")
+        assert done == ["step finished"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # as `cmd &` in a shell script leaves it
+        with train.sigint_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+            done.append("ignored")
+        assert done == ["step finished", "ignored"] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, outer)
+
+
+def start_with_default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # the child gets Python's Ctrl-C handling however pytest was started
+
+
 def test_ctrl_c_saves_a_consistent_checkpoint_exits_130_and_the_run_resumes(tmp_path, one_thread):
     args = with_flags(tiny_run_args(tmp_path, "sort6"), max_steps=100000, eval_interval=20)
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args], env=one_thread,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=start_with_default_sigint)
     try:
         wait_for_checkpoint(proc, tmp_path / "run" / "ckpt.pt", min_step=20)
         proc.send_signal(signal.SIGINT)

@@ -229,9 +229,10 @@ def save_atomic(obj, path):
 def sigint_deferred():
     """Hold Ctrl-C back while the weights, optimizer moments, EMA and step counter change, so the checkpoint saved
     on Ctrl-C is a state the run was really in; the interrupt is raised right after. A signal mask is not enough:
-    another thread may take the signal and Python then raises it in the main thread anyway."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
-        yield
+    another thread may take the signal and Python then raises it in the main thread anyway. An ignored SIGINT (as in
+    a background job of a non-interactive shell) stays ignored."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield  # signal handlers live in the main thread only
         return
     received = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
