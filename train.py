@@ -232,7 +232,7 @@ def sigint_deferred():
     another thread may take the signal and Python then raises it in the main thread anyway. An ignored SIGINT (as in
     a background job of a non-interactive shell) stays ignored."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        yield  # signal handlers live in the main thread only
+        yield  # nothing to hold back: handlers live in the main thread only, and an ignored SIGINT needs none
         return
     received = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
