@@ -132,7 +132,10 @@ def main(argv=None):
     p.add_argument("--out", default="bench.json", help="JSON results")
     p.add_argument("--probe", nargs=2, metavar=("R", "GRAD"), help=argparse.SUPPRESS)  # internal: memory probe
     a = p.parse_args(argv)
-    device = pick_device(a.device)
+    try:
+        device = pick_device(a.device)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     if a.probe:
         return peak_memory_probe(a.task, int(a.probe[0]), a.probe[1], device, a.batch_size)
     results = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "task": a.task}

@@ -45,10 +45,12 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=1000, da
         raise ValueError(f"{path} records no task; pass --task")
     if train.task_kind(task_name) != train.task_kind(own or task_name):
         raise ValueError(f"{path} was trained on {own}; it cannot be scored on {task_name}")
-    # the training pool only serves the overlap check here: the run's own pool for its own task, a small one else
-    n_train = config.get("n_train") if task_name == own else 100
-    task = data.make_task(task_name, seed=config.get("data_seed", 0), n_train=n_train, n_val=1, n_test=n_test,
-                          cache_dir=data_dir or config.get("data_dir", "data_cache"),
+    # the training and validation pools only serve the overlap check here: the run's own (already cached) for its
+    # own task, so the test items are exactly train.py's; for another size a small training pool and no validation
+    same = task_name == own
+    task = data.make_task(task_name, seed=config.get("data_seed", 0), n_train=config.get("n_train") if same else 100,
+                          n_val=config.get("n_val") if same else 0, n_test=n_test,
+                          cache_dir=data_dir or train.run_data_dir(config, path),
                           target=config.get("target", "direction"), progress=False)
     if (task.vocab_size, task.n_classes) != (model.cfg.vocab_size, model.cfg.n_classes):
         raise ValueError(f"{task_name} has {task.n_classes} classes over {task.vocab_size} tokens, the model "
@@ -59,8 +61,11 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=1000, da
     x, y = task.split("test")
     per_seg = train.evaluate(model, task, x, y, segments, n_steps=inner_steps, temperature=temperature,
                              batch_size=batch_size, device=device)
+    # the yardstick printed beside the scores: random scores through the same decoder (mazes), or the simple
+    # reference that puts hidden values at 0 (sorting, about the best possible tau with half hidden)
+    chance = task.chance(x, y) if hasattr(task, "chance") else task.reference_metrics(x, y, fill="zero")
     return {"checkpoint": path, "step": ckpt.get("step"), "task": task_name, "inner_steps": inner_steps,
-            "segments": segments, "n_test": len(x), **per_seg[-1], "per_segment": per_seg}
+            "segments": segments, "n_test": len(x), **per_seg[-1], "per_segment": per_seg, "chance": chance}
 
 
 def main(argv=None):
@@ -77,6 +82,8 @@ def main(argv=None):
           f"{result['segments']} segments x {result['inner_steps']} inner steps")
     for s, seg in enumerate(result["per_segment"]):
         print(f"  segment {s + 1}: " + " ".join(f"{k} {v:.4f}" for k, v in seg.items()))
+    what = "chance (random scores, same rollout)" if result["task"].startswith("maze") else "reference (hidden at 0)"
+    print(f"  {what}: " + " ".join(f"{k} {v:.4f}" for k, v in result["chance"].items()))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

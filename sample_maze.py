@@ -148,7 +148,7 @@ def get_parser():
     p.add_argument("--max-panels", type=int, default=12, help="--show-steps: at most this many steps, evenly spaced")
     p.add_argument("--diag", action="store_true", help="print routing per inner step and draw a head-usage heatmap")
     p.add_argument("--no-ascii", action="store_true", help="print only the metrics, not the mazes")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, mps")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     return p
 
 
@@ -156,7 +156,11 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     if args.num_samples < 1:
         raise SystemExit("error: --num-samples must be >= 1")
-    model, ckpt, path = load_maze_model(args.ckpt, args.device)
+    try:
+        device = train.pick_device(args.device)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    model, ckpt, path = load_maze_model(args.ckpt, device)
     cfg, config = model.cfg, ckpt["config"]
     n = args.grid_n or int(config["task"][4:])
     n_steps = args.inner_steps or config.get("eval_steps") or cfg.R
@@ -171,7 +175,7 @@ def main(argv=None):
           f"temperature {temperature:.2f}")
 
     x, y, pool = fresh_mazes(n, args.num_samples, args.seed, target)
-    logits, steps = run_traced(model, x.to(args.device), (n, n), segments, n_steps, temperature)
+    logits, steps = run_traced(model, x.to(device), (n, n), segments, n_steps, temperature)
     scores = logits.float().cpu().numpy()
     mazes, titles = [], []
     for b in range(args.num_samples):

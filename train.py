@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import TASK_NAMES, make_task
+from data import N_TRAIN, TASK_NAMES, make_task, pool_file
 from hrm_controller import anneal, temperature_at
 from model import ModelConfig, PoHModel
 
@@ -145,6 +145,8 @@ def resolve_args(argv=None):
         args.supervise = f"every-{args.supervise_every}"
     if args.out_dir is None:
         args.out_dir = os.path.join("runs", f"{args.task}-{args.controller}-s{args.seed}")
+    # absolute, so evaluate.py and sample_maze.py find the run's cached mazes from any folder
+    args.data_dir = os.path.abspath(args.data_dir)
     for ok, msg in [(args.R >= 1, f"--R must be >= 1, got {args.R}"), (args.T >= 1, f"--T must be >= 1, got {args.T}"),
                     (1 <= args.top_k <= args.n_heads, f"--top-k {args.top_k} must be between 1 and --n-heads {args.n_heads}"),
                     (args.segments >= 1, "--segments must be >= 1"), (args.max_steps >= 1, "--max-steps must be >= 1"),
@@ -163,14 +165,56 @@ def model_config(args, task):
         ponder_weight=args.ponder_weight, ponder_prior=args.ponder_prior, label_smoothing=args.label_smoothing)
 
 
-def pick_device(name="auto"):
-    if name != "auto":
-        return torch.device(name)
+def available_devices():
+    """The devices this machine can run on, as --device accepts them."""
+    found = ["cpu"]
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        found += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+        found.append("mps")
+    return found
+
+
+def pick_device(name="auto"):
+    """auto: CUDA, then MPS, then CPU. A named device this machine lacks raises ValueError with one line (torch
+    would only fail later, with a traceback, at the first tensor moved there)."""
+    found = available_devices()
+    if name == "auto":
+        return torch.device("cuda" if "cuda" in found else "mps" if "mps" in found else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; this machine has: {', '.join(found)}") from None
+    if str(device) not in found:
+        raise ValueError(f"device {name!r} is not available on this machine; it has: {', '.join(found)}")
+    return device
+
+
+def run_data_dir(config, checkpoint_path):
+    """The folder holding a run's cached maze pools, wherever the caller was started from.
+
+    train.py records --data-dir as an absolute path; older runs recorded it as given (relative to the folder they
+    were started in). Tried in order: the recorded path, then the same name beside the run folder and each folder
+    above it, then the current folder. The first that holds the run's training pool wins; else the first that
+    exists; else the recorded path (a new pool is then generated and cached there)."""
+    recorded = config.get("data_dir") or "data_cache"
+    name = os.path.basename(os.path.normpath(recorded))
+    here = os.path.dirname(os.path.abspath(checkpoint_path))
+    above = []
+    while True:
+        above.append(os.path.join(here, name))
+        parent = os.path.dirname(here)
+        if parent == here:
+            break
+        here = parent
+    candidates = [os.path.abspath(recorded)] + above + [os.path.abspath(name)]
+    task = config.get("task", "")
+    if task.startswith("maze") and task[4:].isdigit():
+        pool = pool_file(int(task[4:]), config.get("n_train") or N_TRAIN, 3 * config.get("data_seed", 0))
+        for folder in candidates:
+            if os.path.isfile(os.path.join(folder, pool)):
+                return folder
+    return next((c for c in candidates if os.path.isdir(c)), candidates[0])
 
 
 def one_line(exc):
@@ -380,7 +424,10 @@ def run(args):
             torch.cuda.set_device(device)
     else:
         rank, world = 0, 1
-        device = pick_device(args.device)
+        try:
+            device = pick_device(args.device)
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from None
     master = rank == 0
 
     def print0(*a, **kw):
@@ -563,11 +610,16 @@ def run(args):
         x_test, y_test = task.split("test")
         per_seg = evaluate(best_model, task, x_test, y_test, **eval_kw)
         result = {"step": best_ckpt["step"], "n_test": len(x_test), **per_seg[-1], "per_segment": per_seg}
+        if hasattr(task, "chance"):  # mazes: the same rollout on random scores, the level to clear
+            result["chance"] = task.chance(x_test, y_test)
         with open(os.path.join(args.out_dir, "test.json"), "w") as f:
             json.dump(result, f, indent=2)
         log({"step": step, "split": "test", **per_seg[-1]})
         print0(f"test ({len(x_test)} items, best val checkpoint of step {best_ckpt['step']}): "
                + " ".join(f"{k} {v:.4f}" for k, v in per_seg[-1].items()))
+        if "chance" in result:
+            print0("chance (random scores, same rollout): "
+                   + " ".join(f"{k} {v:.4f}" for k, v in result["chance"].items()))
         try:
             import plots  # here, so importing train.py stays light
             plots.plot_run(args.out_dir)
