@@ -113,7 +113,7 @@ def run_one(root, task, controller, seed, passthrough, sweep=None):
     row = {"task": config["task"], "controller": controller, "seed": seed, "sweep_flag": flag or "",
            "sweep_value": "" if value is None else value, "params": model.num_params(), "steps": steps,
            "best_step": test["step"], "wall_s": round(record["wall_s"], 3)}
-    row.update({k: v for k, v in test.items() if k not in ("step", "per_segment")})
+    row.update({k: v for k, v in test.items() if k not in ("step", "per_segment", "routing", "chance")})
     row["run_dir"] = out_dir
     return row
 
@@ -133,7 +133,9 @@ def summary_table(rows, metrics):
     for c, rs in by.items():
         params[c] = rs[0]["params"]
         s_step = sum(r["wall_s"] / r["steps"] for r in rs) / len(rs)  # wall time includes data set-up and evaluation
-        cells = [fmt(*summarize([float(r[m]) for r in rs])) for m in metrics]
+        # a metric some arms lack (head_min and modal_max of an unrouted arm) shows as "-"
+        cells = [fmt(*summarize([float(r[m]) for r in rs if r.get(m) not in (None, "")]))
+                 if any(r.get(m) not in (None, "") for r in rs) else "-" for m in metrics]
         lines.append(line(c, len(rs), f"{params[c]:,}", f"{s_step:.3f}", cells))
     lo, hi = min(params.values()), max(params.values())
     if hi > 1.05 * lo:
@@ -143,20 +145,21 @@ def summary_table(rows, metrics):
 
 
 def reference_line(rows):
-    """Sorting: the simple reference (visible values in order, hidden at the mean) on the runs' own test set."""
+    """Sorting: the simple reference (visible values in order, hidden ones at 0, the middle of the range: about
+    the best possible tau with half hidden) on the runs' own test set."""
     if not rows[0]["task"].startswith("sort"):
         return None
     from data import make_task  # only sorting needs it, and building the sort test set takes a moment
     config = json.load(open(os.path.join(rows[0]["run_dir"], "config.json")))
     task = make_task(config["task"], seed=config["data_seed"], n_val=1, n_test=config["n_test"])
-    ref = task.reference_metrics(*task.split("test"))
-    return "reference (visible values in order): " + " ".join(f"{k} {v:.4f}" for k, v in ref.items())
+    ref = task.reference_metrics(*task.split("test"), fill="zero")
+    return "reference (visible values in order, hidden at 0): " + " ".join(f"{k} {v:.4f}" for k, v in ref.items())
 
 
 def metric_names(rows):
     """The test metrics present in the rows, in their first-seen order."""
     skip = {"task", "controller", "seed", "sweep_flag", "sweep_value", "params", "steps", "best_step", "wall_s",
-            "n_test", "steps_used", "run_dir"}
+            "n_test", "steps_used", "run_dir", "temperature"}
     return [k for k in dict.fromkeys(k for r in rows for k in r) if k not in skip]
 
 

@@ -4,15 +4,20 @@ Benchmarks of the model and the training step on this machine: prints a table an
     python bench.py                      # throughput, memory against R, FLOP/s (a few minutes on a 2-core CPU)
     python bench.py --quick 600          # also: train the default maze12 recipe for 600 s, report held-out optimal
     python bench.py --device cuda --out bench-gpu.json
-    python bench.py --task maze4 --batch-size 4 --R 2 4   # a seconds-long smoke run (the test suite's)
+    python bench.py --task maze4 --batch-size 4 --R 2 4 --attn-sizes 4:4 6:2 --eval-mazes 8   # seconds (tests)
 
 1. Training throughput (samples/s) of hrm, poh and none at the same shape, and the hrm/none step-time ratio.
 2. Memory against R (2, 4, 8, 16) for bptt and tbptt: bytes saved for backward (autograd hooks) and the peak
    memory of a fresh process running one training step (CPU: max RSS; CUDA: max allocated).
 3. Achieved FLOP/s of a training step against a matmul peak measured in the same run. FLOPs are counted by hand
    for the matmuls of the transformer (weights and attention): 2 per multiply-add forward, twice that backward,
-   inner steps without gradient counted forward only. Controller, norms and softmax are left out (small).
-4. --quick SECONDS: time-to-accuracy of the task's default hrm recipe through train.main with --time-budget.
+   inner steps without gradient counted forward only; attention counts only the keys a query may see (5 with
+   local/open attention). Controller, norms and softmax are left out (small).
+4. Neighbour attention, dense masked vs gathered: training step time of the default maze model at several sizes
+   (--attn-sizes N:BATCH, default maze12 batch 64, maze24 batch 16, maze48 batch 4).
+5. Evaluation throughput: real mazes per second through train.evaluate (the recipe's segments, the rollout
+   metrics included), on --eval-mazes fresh mazes of the task's size.
+6. --quick SECONDS: time-to-accuracy of the task's default hrm recipe through train.main with --time-budget.
 """
 
 import argparse
@@ -128,6 +133,9 @@ def main(argv=None):
     p.add_argument("--task", default="maze12", help="the shape to benchmark (a task's default recipe)")
     p.add_argument("--batch-size", type=int, default=None, help="batch for sections 1-3 (default: the recipe's)")
     p.add_argument("--R", type=int, nargs="+", default=[2, 4, 8, 16], help="inner steps for the memory table")
+    p.add_argument("--attn-sizes", nargs="+", default=["12:64", "24:16", "48:4"],
+                   help="maze sizes and batches (N:BATCH) for the dense vs gathered attention table")
+    p.add_argument("--eval-mazes", type=int, default=256, help="fresh mazes for the evaluation throughput")
     p.add_argument("--quick", type=float, default=0.0, help="also train the task's recipe for this many seconds")
     p.add_argument("--out", default="bench.json", help="JSON results")
     p.add_argument("--probe", nargs=2, metavar=("R", "GRAD"), help=argparse.SUPPRESS)  # internal: memory probe
@@ -175,9 +183,40 @@ def main(argv=None):
     print(f"  matmul peak {peak / 1e9:.1f} GFLOP/s; step {flops / 1e9:.1f} GFLOP; achieved {achieved / 1e9:.1f} "
           f"GFLOP/s ({100 * achieved / peak:.0f}% of peak)")
 
+    if task_kind(a.task) == "maze":
+        print("4. neighbour attention, dense masked vs gathered: training step of the default maze model (hrm)")
+        rows = []
+        for size in a.attn_sizes:
+            n, B = (int(v) for v in size.split(":"))
+            row = {"task": f"maze{n}", "batch": B}
+            for impl in ("dense", "gather"):
+                model, args = make_model(f"maze{n}", "hrm", device, attn_impl=impl)
+                x, y, grid = fake_batch(model, args, f"maze{n}", device, B)
+                row[impl] = time_steps(model, x, y, grid, device, n_steps=3, warmup=1)
+            row["speedup"] = row["dense"] / row["gather"]
+            rows.append(row)
+            print(f"  maze{n:<3d} batch {B:3d}: dense {row['dense']:.3f} s/step, gather {row['gather']:.3f} s/step, "
+                  f"x{row['speedup']:.2f}")
+        results["attention"] = rows
+
+        import data
+        import train
+        print(f"5. evaluation throughput: {a.eval_mazes} fresh {a.task} mazes, the recipe's segments, rollout included")
+        model, args = make_model(a.task, "hrm", device)
+        n = int(a.task[4:])
+        pool = data.generate_mazes(n, a.eval_mazes, 10**6)
+        x = torch.from_numpy(data.encode(pool["open"], pool["start"], pool["goal"]).reshape(a.eval_mazes, n * n))
+        y = torch.from_numpy(data.batch_labels(pool["open"], pool["start"], pool["dist"].astype("int64")))
+        task = argparse.Namespace(grid=(n, n), metrics=data.maze_metrics)
+        t0 = time.perf_counter()
+        train.evaluate(model, task, x, y, args.segments, batch_size=256, device=device)
+        rate = a.eval_mazes / (time.perf_counter() - t0)
+        results["eval_mazes_per_s"] = rate
+        print(f"  {rate:.1f} mazes/s ({args.segments} segments x {args.R} inner steps)")
+
     if a.quick > 0:
         import train
-        print(f"4. time-to-accuracy: default {a.task} hrm recipe for {a.quick:.0f} s of training")
+        print(f"6. time-to-accuracy: default {a.task} hrm recipe for {a.quick:.0f} s of training")
         out_dir = f"runs/bench-quick-{int(time.time())}"
         result = train.main(["--task", a.task, "--time-budget", str(a.quick), "--out-dir", out_dir,
                              "--no-progress"])

@@ -5,8 +5,9 @@ with more inner steps and segments (size generalisation), or an old run under ne
     python evaluate.py runs/maze12-hrm-s0                                   # its own test set, as trained
     python evaluate.py runs/maze12-hrm-s0 --task maze16 --segments 12       # larger mazes, more refinement
     python evaluate.py runs/maze12-hrm-s0 --task maze24 --inner-steps 16 --segments 12 --out gen24.json
+    python evaluate.py runs/maze12-hrm-s0 --ablate-routing shuffle          # does the per-token routing matter?
 
-Defaults: the checkpoint's task, inner steps, segments and final temperature, and the test split of its data
+Defaults: the checkpoint's task, inner steps, segments and training temperature, and the test split of its data
 seed (the same items train.py's test.json was measured on; other maze sizes get their own cached pools from the
 same seeds). Prints the metrics of every segment and writes them as JSON with --out. The model never trains here.
 """
@@ -16,6 +17,7 @@ import json
 
 import data
 import train
+from hrm_controller import ABLATIONS
 
 
 def get_parser():
@@ -29,13 +31,17 @@ def get_parser():
     p.add_argument("--data-dir", default=None, help="where generated maze sets are cached (default: the run's)")
     p.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--ablate-routing", default=None, choices=ABLATIONS,
+                   help="replace the controller's head weights: uniform (all heads), shuffle (another token's "
+                        "weights, same sample) or fixed (the most common head set for every token)")
     p.add_argument("--out", default=None, help="write the result here as JSON")
     return p
 
 
 def score(path, task_name=None, inner_steps=None, segments=None, n_test=1000, data_dir=None,
-          batch_size=128, device="cpu"):
-    """Returns {"task", "inner_steps", "segments", "n_test", **final segment metrics, "per_segment": [...]}."""
+          batch_size=128, device="cpu", ablate=None):
+    """Returns {"task", "inner_steps", "segments", "temperature", "ablate", "n_test", **final segment metrics,
+    "per_segment": [...], "routing": last segment's per-step head usage or None, "chance": {...}}."""
     path = train.checkpoint_file(path)
     model, ckpt = train.load_checkpoint(path, device)
     config = ckpt.get("config") or {}
@@ -57,15 +63,18 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=1000, da
                          f"{model.cfg.n_classes} over {model.cfg.vocab_size} (a sorting model has a fixed length)")
     inner_steps = inner_steps or config.get("eval_steps") or model.cfg.R  # as train.py's test.json was measured
     segments = segments or config["segments"]
-    temperature = train.final_temperature(config)
+    if ablate and model.controller is None:
+        raise ValueError(f"{path} has no router (controller {model.cfg.controller}); nothing to ablate")
+    temperature = train.checkpoint_temperature(ckpt)  # the temperature it trained at when it was saved
     x, y = task.split("test")
-    per_seg = train.evaluate(model, task, x, y, segments, n_steps=inner_steps, temperature=temperature,
-                             batch_size=batch_size, device=device)
+    per_seg, routing = train.evaluate(model, task, x, y, segments, n_steps=inner_steps, temperature=temperature,
+                                      batch_size=batch_size, device=device, ablate=ablate, with_routing=True)
     # the yardstick printed beside the scores: random scores through the same decoder (mazes), or the simple
     # reference that puts hidden values at 0 (sorting, about the best possible tau with half hidden)
     chance = task.chance(x, y) if hasattr(task, "chance") else task.reference_metrics(x, y, fill="zero")
     return {"checkpoint": path, "step": ckpt.get("step"), "task": task_name, "inner_steps": inner_steps,
-            "segments": segments, "n_test": len(x), **per_seg[-1], "per_segment": per_seg, "chance": chance}
+            "segments": segments, "temperature": temperature, "ablate": ablate, "n_test": len(x), **per_seg[-1],
+            "per_segment": per_seg, "routing": routing, "chance": chance}
 
 
 def main(argv=None):
@@ -75,13 +84,18 @@ def main(argv=None):
             raise SystemExit(f"error: {flag} must be >= 1, got {value}")
     try:
         result = score(args.checkpoint, args.task, args.inner_steps, args.segments, args.n_test, args.data_dir,
-                       args.batch_size, train.pick_device(args.device))
+                       args.batch_size, train.pick_device(args.device), args.ablate_routing)
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     print(f"{result['checkpoint']} (step {result['step']}) on {result['task']}: {result['n_test']} test items, "
-          f"{result['segments']} segments x {result['inner_steps']} inner steps")
+          f"{result['segments']} segments x {result['inner_steps']} inner steps, temperature "
+          f"{result['temperature']:.3f}" + (f", routing ablated: {args.ablate_routing}" if args.ablate_routing else ""))
     for s, seg in enumerate(result["per_segment"]):
         print(f"  segment {s + 1}: " + " ".join(f"{k} {v:.4f}" for k, v in seg.items()))
+    if result["routing"]:  # share of tokens keeping each head, and the most common head set's share
+        print("  routing in the last segment (step: tokens keeping each head | most common set):")
+        for t, (u, m) in enumerate(zip(result["routing"]["usage"], result["routing"]["modal_share"])):
+            print(f"    t {t}: " + " ".join(f"h{h} {v:.2f}" for h, v in enumerate(u)) + f" | {m:.2f}")
     what = "chance (random scores, same rollout)" if result["task"].startswith("maze") else "reference (hidden at 0)"
     print(f"  {what}: " + " ".join(f"{k} {v:.4f}" for k, v in result["chance"].items()))
     if args.out:

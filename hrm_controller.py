@@ -48,6 +48,60 @@ def route(logits, temperature, top_k, hard):
     return alpha, p
 
 
+def kept_heads(alpha):
+    """(..., H) bool: the heads a token keeps. Dropped heads have alpha exactly 0 (soft and hard routing alike)."""
+    return alpha.detach() > 0
+
+
+def balance_loss(alpha, p):
+    """Load balancing in the Switch-Transformer form, H * sum_h f_h * P_h: f_h the share of routed slots that go
+    to head h (from the discrete top-k choice, no gradient), P_h the mean router probability of h (the gradient
+    path). It is 1 when heads are used evenly and up to H when every token keeps the same heads, so a positive
+    weight pushes probability away from the heads that are already over-used: the counterweight to top-k's
+    rich-get-richer dynamic, where dropped heads get no gradient and fall further behind."""
+    H = p.shape[-1]
+    keep = kept_heads(alpha).float().reshape(-1, H)
+    f = keep.sum(0) / keep.sum().clamp_min(1.0)  # (H,) share of the routed slots
+    P = p.reshape(-1, H).mean(0)  # (H,)
+    return H * (f * P).sum()
+
+
+@torch.no_grad()
+def routing_stats(alpha):
+    """How varied the routing is, over all tokens of alpha (..., H): usage (H,) the share of tokens that keep
+    each head, and modal_share, the share of tokens that keep the most common head set. Collapsed routing has a
+    modal share near 1 and heads with usage near 0."""
+    H = alpha.shape[-1]
+    keep = kept_heads(alpha).reshape(-1, H)
+    sets = (keep.long() << torch.arange(H, device=alpha.device)).sum(1)  # each kept set as a bit pattern
+    return keep.float().mean(0), sets.bincount(minlength=2 ** H).max().float() / len(sets)
+
+
+ABLATIONS = ("uniform", "shuffle", "fixed")
+
+
+def ablate_alpha(alpha, how, gen=None):
+    """Replace the router's head weights alpha (B, N, H) for an ablation at evaluation:
+    uniform  every head at 1/H (ordinary attention, as the `none` controller);
+    shuffle  each token gets the alpha of another token of the same sample (a random permutation per sample):
+             the same mix of head sets, but no longer tied to the token that chose it;
+    fixed    every token gets the batch's most common kept head set, with equal weights.
+    If the per-token routing carries information, shuffle must hurt."""
+    B, N, H = alpha.shape
+    if how == "uniform":
+        return torch.full_like(alpha, 1.0 / H)
+    if how == "shuffle":
+        perm = torch.rand(B, N, generator=gen).argsort(1).to(alpha.device)  # (B, N): where each token's alpha comes from
+        return alpha.gather(1, perm[:, :, None].expand(B, N, H))
+    if how == "fixed":
+        keep = kept_heads(alpha).reshape(-1, H)
+        sets = (keep.long() << torch.arange(H, device=alpha.device)).sum(1)
+        modal = sets.bincount(minlength=2 ** H).argmax()
+        m = ((modal >> torch.arange(H, device=alpha.device)) & 1).to(alpha.dtype)  # (H,) the modal set
+        return (m / m.sum()).expand(B, N, H).clone()
+    raise ValueError(f"ablation must be one of {', '.join(ABLATIONS)}, got {how!r}")
+
+
 def routing_entropy(p):
     """Mean entropy (nats) of the per-token head distributions p (..., H); a tensor, so it can be a loss term."""
     return -(p * p.clamp_min(1e-12).log()).sum(-1).mean()

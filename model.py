@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hrm_controller import Controller, ControllerConfig, routing_entropy
-from poh_block import BlockConfig, PoHBlock, local_mask, open_mask, rope_tables
+from hrm_controller import Controller, ControllerConfig, ablate_alpha, balance_loss, routing_entropy, routing_stats
+from poh_block import BlockConfig, PoHBlock, local_mask, neighbour_index, open_mask, open_neighbours, rope_tables
 
 
 @dataclass
@@ -41,8 +41,10 @@ class ModelConfig:
     n_layers: int = 2  # PoH blocks applied at every inner step
     pos: str = "rope2d"  # "rope2d" or "none"
     attn: str = "global"  # "global", "local" (self + 4 grid neighbours) or "open" (self + open neighbours, mazes)
+    attn_impl: str = "gather"  # local/open: "gather" the 5 neighbours (O(N)) or "dense" masked attention (O(N^2))
     R: int = 4  # inner refinement steps per forward
-    controller: str = "hrm"  # "hrm", "poh" or "none" (uniform head weights, no controller built)
+    controller: str = "hrm"  # "hrm", "poh", "none" (uniform head weights) or "fixed" (the same top_k heads for
+    # every token: the A/B arm with as many active heads as the router keeps); none and fixed build no controller
     d_ctrl: int = 16  # controller width: small, so hrm, poh and none differ by a few % in parameters
     T: int = 2  # slow-module period
     top_k: int = 2  # heads kept per token
@@ -61,12 +63,13 @@ class ModelConfig:
         checks = [
             (self.R >= 1, f"R must be >= 1, got {self.R}"),
             (self.T >= 1, f"T must be >= 1, got {self.T}"),
-            (self.controller in ("hrm", "poh", "none"), f"controller must be hrm, poh or none, got {self.controller!r}"),
+            (self.controller in CONTROLLERS, f"controller must be one of {', '.join(CONTROLLERS)}, got {self.controller!r}"),
             (1 <= self.top_k <= self.n_heads, f"top-k must be in [1, n_heads={self.n_heads}], got {self.top_k}"),
             (self.d_model % self.n_heads == 0, f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}"),
             (self.pos != "rope2d" or (self.d_model // self.n_heads) % 4 == 0, "rope2d needs head width % 4 == 0"),
             (self.pos in ("rope2d", "none"), f"pos must be rope2d or none, got {self.pos!r}"),
             (self.attn in ("global", "local", "open"), f"attn must be global, local or open, got {self.attn!r}"),
+            (self.attn_impl in ("gather", "dense"), f"attn-impl must be gather or dense, got {self.attn_impl!r}"),
             (self.grad in ("bptt", "tbptt"), f"grad must be bptt or tbptt, got {self.grad!r}"),
             (1 <= self.grad_steps, f"grad-steps must be >= 1, got {self.grad_steps}"),
             (self.h_gate in ("fixed", "learned"), f"h-gate must be fixed or learned, got {self.h_gate!r}"),
@@ -76,6 +79,9 @@ class ModelConfig:
             if not ok:
                 raise ValueError(msg)
         supervised_steps(self.R, self.supervise)  # raises on a bad value
+
+
+CONTROLLERS = ("hrm", "poh", "none", "fixed")
 
 
 def supervised_steps(R, supervise):
@@ -129,7 +135,7 @@ class PoHModel(nn.Module):
         self.norm_out = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.n_classes)
         self.controller = None
-        if cfg.controller != "none":
+        if cfg.controller in ("hrm", "poh"):
             self.controller = Controller(ControllerConfig(
                 kind=cfg.controller, d_model=cfg.d_model, n_heads=cfg.n_heads, d_ctrl=cfg.d_ctrl, T=cfg.T,
                 top_k=cfg.top_k, hard_route=cfg.hard_route, h_gate=cfg.h_gate))
@@ -148,6 +154,12 @@ class PoHModel(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, nn.GRUCell):
+            # PyTorch's default biases are random and the same for every token; in a GRU this small they outweigh
+            # the token-dependent input, so every token got the same router logits and top-k the same heads
+            # (router collapse at step 0, DESIGN.md trap 9). Zero biases leave the routing to the token's state.
+            nn.init.zeros_(module.bias_ih)
+            nn.init.zeros_(module.bias_hh)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -161,12 +173,15 @@ class PoHModel(nn.Module):
             state.update(self.controller.init_state(B, N, x.device))
         return state
 
-    def forward(self, x, y=None, state=None, temperature=1.0, entropy_weight=0.0, grid=None, n_steps=None,
-                trace=False):
+    def forward(self, x, y=None, state=None, temperature=1.0, entropy_weight=0.0, balance_weight=0.0, grid=None,
+                n_steps=None, trace=False, ablate=None, ablate_gen=None):
         """x (B, N) tokens, y (B, N) labels or None; grid (h, w) with h*w = N, default (1, N).
+        balance_weight: weight of the load-balancing term (hrm_controller.balance_loss); ablate: None or one of
+        hrm_controller.ABLATIONS, to replace the router's alpha at evaluation (random draws from ablate_gen).
         Returns a dict: logits (B, N, C) (the halted step's with pondering, else the last step's), loss (a tensor,
-        or None without y), parts (task, entropy, ponder tensors; expected_steps; steps_used), state (detached),
-        and with trace=True a list with per-step alpha, p, z_L, z_H, h_update, logits."""
+        or None without y), parts (task, entropy, balance, ponder tensors; expected_steps; steps_used; in eval
+        mode for routed models, usage (R, H) and modal_share (R,) from hrm_controller.routing_stats), state
+        (detached), and with trace=True a list with per-step alpha, p, z_L, z_H, h_update, logits."""
         cfg = self.cfg
         B, N = x.shape
         R = n_steps or cfg.R
@@ -180,23 +195,36 @@ class PoHModel(nn.Module):
         h = state["h"].to(e.dtype)
         ctrl = {k: v for k, v in state.items() if k != "h"}
         rope = rope_tables(grid, cfg.d_model // cfg.n_heads, x.device) if cfg.pos == "rope2d" else None
-        mask = local_mask(grid, x.device) if cfg.attn == "local" else open_mask(x, grid) if cfg.attn == "open" else None
+        mask = self.attention_mask(x, grid)
 
         first_grad = R - min(cfg.grad_steps, R) if cfg.grad == "tbptt" else 0
         supervised = supervised_steps(R, cfg.supervise)
-        task_terms, entropies, lambdas, step_losses, step_logits, steps = [], [], [], [], [], []
+        task_terms, entropies, balances, lambdas, step_losses, step_logits, steps = [], [], [], [], [], [], []
+        usage, modal = [], []
         for t in range(R):
             with torch.set_grad_enabled(torch.is_grad_enabled() and t >= first_grad):
                 if self.controller is not None:
                     alpha, p, ctrl, h_update = self.controller(h + e, ctrl, t, temperature)
+                    if ablate is not None:
+                        alpha = ablate_alpha(alpha, ablate, ablate_gen)
+                elif cfg.controller == "fixed":  # heads 0..top_k-1 for every token, no router
+                    alpha = torch.zeros(B, N, cfg.n_heads, device=x.device)
+                    alpha[..., :cfg.top_k] = 1.0 / cfg.top_k
+                    p = h_update = None
                 else:
                     alpha = p = h_update = None
+                if p is not None and not self.training:
+                    u, m = routing_stats(alpha)
+                    usage.append(u)
+                    modal.append(m)
                 h = self.norm_in(h) + e
                 for block in self.blocks:
                     h = block(h, alpha, rope, mask)
                 logits = self.head(self.norm_out(h))
                 if p is not None and t >= first_grad:
                     entropies.append(routing_entropy(p))
+                    if balance_weight:
+                        balances.append(balance_loss(alpha, p))
                 if self.halt is not None:
                     lambdas.append(torch.sigmoid(self.halt(h.mean(1)).float()).squeeze(-1))  # (B,)
                     step_logits.append(logits)
@@ -210,7 +238,10 @@ class PoHModel(nn.Module):
 
         zero = torch.zeros((), device=x.device)
         entropy = torch.stack(entropies).mean() if entropies else zero
-        parts = {"entropy": entropy, "ponder": zero, "task": zero}
+        balance = torch.stack(balances).mean() if balances else zero
+        parts = {"entropy": entropy, "balance": balance, "ponder": zero, "task": zero}
+        if usage:
+            parts["usage"], parts["modal_share"] = torch.stack(usage), torch.stack(modal)
         if self.halt is not None:
             lam = torch.stack(lambdas, 1)  # (B, R)
             p_halt = halting_distribution(lam)
@@ -232,9 +263,18 @@ class PoHModel(nn.Module):
                 parts["task"] = torch.stack(task_terms).mean()
         loss = None
         if y is not None:
-            loss = parts["task"] + parts["ponder"] + entropy_weight * entropy
+            loss = parts["task"] + parts["ponder"] + entropy_weight * entropy + balance_weight * balance
         out_state = {"h": h.detach().float(), **{k: v.detach().float() for k, v in ctrl.items()}}
         return {"logits": logits, "loss": loss, "parts": parts, "state": out_state, "trace": steps}
+
+    def attention_mask(self, x, grid):
+        """What the blocks' attention may see: None (global), a dense mask, or (idx, allowed) to gather."""
+        attn, gather = self.cfg.attn, self.cfg.attn_impl == "gather"
+        if attn == "local":
+            return neighbour_index(grid, x.device) if gather else local_mask(grid, x.device)
+        if attn == "open":
+            return open_neighbours(x, grid) if gather else open_mask(x, grid)
+        return None
 
     def controller_parameters(self):
         """Names of the controller's parameters (for a separate learning rate)."""

@@ -42,7 +42,8 @@ def read_metrics(run_dir):
 def score_keys(val, test):
     """The held-out metrics to plot: numeric entries of the validation records (and of the test record, when
     there is one), without bookkeeping such as steps, timings and the per-segment lists."""
-    skip = {"step", "split", "steps_used", "n_test", "per_segment", "train_seconds"}
+    skip = {"step", "split", "steps_used", "n_test", "per_segment", "train_seconds", "temperature", "head_min",
+            "modal_max"}
     keys = [k for k, v in val[0].items() if k not in skip and isinstance(v, (int, float))] if val else []
     return [k for k in keys if k in test[-1]] if test else keys
 
@@ -82,6 +83,12 @@ def plot_run(run_dir, out_png=None):
         ax.text(0.5, 0.6, "no router (controller none)", ha="center", transform=ax.transAxes)
     if train and "temperature" in train[0]:
         ax.plot(steps, [r["temperature"] for r in train], label="temperature", color="C3", linestyle="--")
+    routed = [r for r in val if "modal_max" in r]
+    if routed:  # diversity at each evaluation: collapse shows as modal -> 1 and head_min -> 0
+        ax.plot([r["step"] for r in routed], [r["modal_max"] for r in routed], marker=".", color="C4",
+                label="most common head set (share of tokens)")
+        ax.plot([r["step"] for r in routed], [r["head_min"] for r in routed], marker=".", color="C5",
+                label="least kept head (share of tokens)")
     ax.set(title="routing", xlabel="optimizer step")
     ax.legend(fontsize=8)
     fig.suptitle(os.path.basename(os.path.normpath(run_dir)), fontsize=10)

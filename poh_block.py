@@ -12,6 +12,8 @@ half with its column, so q.k depends on the relative 2-D offset only and nothing
 model trained on 12x12 mazes runs on 16x16 ones. A sequence (sorting) is the grid (1, L). Optionally attention
 is restricted to self + the 4 grid neighbours ("local"), a strong bias for mazes: information then moves about
 one cell per block application. For mazes, "open" restricts it further to the neighbours not behind a wall.
+Both are computed by gathering each cell's 5 keys (attn_impl "gather", O(N)) or, for checking and benchmarks, as
+dense attention with a mask (attn_impl "dense", O(N^2)); the two agree to float rounding.
 
 Nothing to run on its own; `python -m pytest -q test_all.py -k block` tests it.
 """
@@ -77,6 +79,44 @@ def open_mask(tokens, grid):
     return allowed.unsqueeze(1)  # broadcasts over heads
 
 
+# Gathered neighbour attention: the same function as the masked dense path for "local" and "open", computed on
+# the (at most) 5 keys each cell may see, so time and memory grow with N instead of N^2.
+
+def neighbour_index(grid, device=None):
+    """idx (N, 5) long: each cell itself, then its N, E, S, W neighbours (itself where off the grid), and
+    on_grid (N, 5) bool, False where a neighbour falls off the grid."""
+    h, w = grid
+    rows, cols = (c.long() for c in grid_coords(grid, device))
+    idx, on_grid = [rows * w + cols], [torch.ones_like(rows, dtype=torch.bool)]
+    for dr, dc in ((-1, 0), (0, 1), (1, 0), (0, -1)):  # N, E, S, W: data.MOVES' order, the wall bits' order
+        r, c = rows + dr, cols + dc
+        ok = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+        idx.append(torch.where(ok, r * w + c, rows * w + cols))
+        on_grid.append(ok)
+    return torch.stack(idx, 1), torch.stack(on_grid, 1)
+
+
+def open_neighbours(tokens, grid):
+    """(idx (N, 5), allowed (B, N, 5)): as neighbour_index, allowed only where the side is open (bit d of
+    token % 16, as in open_mask); a cell always sees itself."""
+    idx, on_grid = neighbour_index(grid, tokens.device)
+    sides = ((tokens % 16)[..., None] >> torch.arange(4, device=tokens.device)) & 1 == 1  # (B, N, 4)
+    self_too = torch.ones_like(sides[..., :1])
+    return idx, on_grid & torch.cat([self_too, sides], -1)
+
+
+def neighbour_attention(q, k, v, idx, allowed):
+    """softmax attention of each query over its 5 gathered keys. q, k, v (B, H, N, Dh); idx (N, 5); allowed
+    (N, 5) or (B, N, 5) bool. Returns (B, H, N, Dh), equal to SDPA with the matching dense mask."""
+    B, H, N, Dh = q.shape
+    k_nb = k[:, :, idx.reshape(-1)].view(B, H, N, 5, Dh)  # (B, H, N, 5, Dh): the keys each cell may see
+    v_nb = v[:, :, idx.reshape(-1)].view(B, H, N, 5, Dh)
+    scores = (q.unsqueeze(-2) * k_nb).sum(-1) * Dh ** -0.5  # (B, H, N, 5)
+    allowed = allowed if allowed.dim() == 3 else allowed.unsqueeze(0)  # (B or 1, N, 5)
+    scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))  # self is always allowed: no empty row
+    return (scores.softmax(-1).unsqueeze(-1) * v_nb).sum(-2)  # (B, H, N, Dh)
+
+
 class PoHAttention(nn.Module):
     def __init__(self, cfg: BlockConfig):
         super().__init__()
@@ -86,7 +126,8 @@ class PoHAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)  # W_O, applied after the head weighting
 
     def forward(self, x, alpha=None, rope=None, mask=None):
-        """x (B, N, D); alpha (B, N, H) head weights or None for plain attention; rope (cos, sin); mask (N, N)."""
+        """x (B, N, D); alpha (B, N, H) head weights or None for plain attention; rope (cos, sin); mask: None,
+        a dense bool mask (N, N) or (B, 1, N, N), or a tuple (idx, allowed) for gathered neighbour attention."""
         B, N, D = x.shape
         H = self.n_heads
         q, k, v = self.qkv(x).split(D, dim=2)
@@ -95,7 +136,10 @@ class PoHAttention(nn.Module):
             # contiguous first: RoPE's elementwise ops on these strided views ran about 5x slower on CPU, 12% of a
             # maze12 training step
             q, k = apply_rope(q.contiguous(), *rope), apply_rope(k.contiguous(), *rope)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, Dh): one output per real head
+        if isinstance(mask, tuple):
+            o = neighbour_attention(q, k, v, *mask)  # (B, H, N, Dh)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, Dh): one output per real head
         if alpha is not None:
             # scale by H so that uniform alpha = 1/H leaves o unchanged
             o = o * (H * alpha).transpose(1, 2).unsqueeze(-1)  # alpha (B, N, H) -> (B, H, N, 1)

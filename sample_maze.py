@@ -9,15 +9,16 @@ Load a trained maze checkpoint, solve fresh mazes, print them as ASCII and draw 
 The checkpoint is a file (best.pt, ckpt.pt) or a run folder (its best.pt). Fresh mazes come from data.py's
 generator with seed 1,000,000 + --seed, a stream apart from the train/val/test pools (seeds 0, 1, 2, ...), and
 nothing is cached. The model runs as it was evaluated in training: the checkpoint's segments, its inner steps,
-the final training temperature, its top-k and hard/soft routing.
+the temperature it trained at when saved, its top-k and hard/soft routing.
 
 ASCII legend: walls are + - |, S start, G goal, * predicted path on the true path, x predicted path off the true
 path (a wrong cell), o true path the prediction missed, blank: neither.
 
 Outputs: --out (default <run folder>/samples.png) holds the solved mazes; --show-steps adds <out>_steps.png,
 one panel per inner step for the first maze; --diag prints per inner step the routing entropy, the mean max head
-weight, the temperature, the most used heads and H-UPDATE where the slow module f_H updated (t % T == 0), and
-writes <out>_heads.png, the head usage per step.
+weight, the temperature, the most used heads and H-UPDATE where the slow module f_H updated (t % T == 0), then
+which heads cells of each kind (start/goal neighbourhood, dead end, corridor, junction) keep, and writes
+<out>_heads.png, the head usage per step.
 """
 
 import argparse
@@ -97,6 +98,32 @@ def step_diagnostics(steps, top=2):
     return rows
 
 
+CELL_KINDS = ("start/goal", "dead end", "corridor", "junction")
+
+
+def cell_kinds(pool):
+    """(B, N) index into CELL_KINDS for every cell: the start, the goal and their open neighbours first, then by
+    the number of open sides (1 dead end, 2 corridor, 3-4 junction)."""
+    o = np.asarray(pool["open"], dtype=bool)  # (B, n, n, 4)
+    B, n = o.shape[:2]
+    kinds = np.clip(o.sum(-1), 1, 3).astype(np.int64)  # (B, n, n): 1, 2 or 3
+    for key in ("start", "goal"):
+        for b, (r, c) in enumerate(np.asarray(pool[key])):
+            kinds[b, r, c] = 0
+            for d, (dr, dc) in enumerate(data.MOVES):
+                if o[b, r, c, d]:
+                    kinds[b, r + dr, c + dc] = 0
+    return kinds.reshape(B, n * n)
+
+
+def usage_by_kind(steps, kinds):
+    """Share of token-steps of each cell kind that keep each head: {kind: (count, [H floats])}, kinds present only."""
+    keep = torch.stack([s["alpha"].detach().cpu() > 0 for s in steps]).float()  # (steps, B, N, H)
+    kinds = torch.from_numpy(kinds)
+    return {name: (int((kinds == i).sum()), keep[:, kinds == i].mean((0, 1)).tolist())
+            for i, name in enumerate(CELL_KINDS) if (kinds == i).any()}
+
+
 def format_diag(rows, temperature, learned_gate=False):
     """Text lines of step_diagnostics(); a fixed-period slow update is marked H-UPDATE, a learned gate printed."""
     lines = ["seg  t  entropy  max_w  temp  most used heads (mean weight)"]
@@ -165,7 +192,7 @@ def main(argv=None):
     n = args.grid_n or int(config["task"][4:])
     n_steps = args.inner_steps or config.get("eval_steps") or cfg.R
     segments = args.segments or config["segments"]
-    temperature = train.final_temperature(config)
+    temperature = train.checkpoint_temperature(ckpt)
     target = "direction" if cfg.n_classes == 5 else "path"  # as data.maze_metrics reads it
     out = args.out or os.path.join(os.path.dirname(path), "samples.png")
     stem = os.path.splitext(out)[0]
@@ -209,6 +236,10 @@ def main(argv=None):
             print("\n" + "\n".join(format_diag(rows, temperature, learned_gate=cfg.h_gate == "learned")))
             updated = [i for i, r in enumerate(rows) if r["h_update"] == 1.0 and cfg.h_gate == "fixed"]
             print(f"wrote {plots.head_heatmap([r['usage'] for r in rows], stem + '_heads.png', updated, labels)}")
+            # do heads specialise? the same shares for every kind means the routing ignores what a cell is
+            print("\nheads kept, by cell kind (share of the kind's token-steps keeping each head):")
+            for name, (count, shares) in usage_by_kind(steps, cell_kinds(pool)).items():
+                print(f"  {name:10} {count:5d} cells: " + " ".join(f"h{h} {v:.2f}" for h, v in enumerate(shares)))
     return total
 
 

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from data import N_TRAIN, TASK_NAMES, make_task, pool_file
 from hrm_controller import anneal, temperature_at
-from model import ModelConfig, PoHModel
+from model import CONTROLLERS, ModelConfig, PoHModel
 
 # Per-task defaults for the flags left unset (None) on the command line: the recipes.
 RECIPES = {
@@ -67,11 +67,14 @@ def get_parser():
     g.add_argument("--n-layers", type=int, default=None, help="PoH blocks applied at every inner step")
     g.add_argument("--attn", default=None, choices=["global", "local", "open"],
                    help="local = self + 4 grid neighbours; open = self + the neighbours not behind a wall (mazes)")
+    g.add_argument("--attn-impl", default="gather", choices=["gather", "dense"],
+                   help="local/open attention: gather each cell's 5 neighbours (O(N)) or dense with a mask (O(N^2))")
     g.add_argument("--pos", default="rope2d", choices=["rope2d", "none"], help="positional scheme")
 
     g = p.add_argument_group("controller")
-    g.add_argument("--controller", default="hrm", choices=["hrm", "poh", "none"],
-                   help="hrm: two-timescale GRUs; poh: one GRU; none: uniform head weights, no controller")
+    g.add_argument("--controller", default="hrm", choices=CONTROLLERS,
+                   help="hrm: two-timescale GRUs; poh: one GRU; none: uniform head weights, no controller; fixed: "
+                        "the same --top-k heads for every token (as many active heads as the router keeps)")
     g.add_argument("--R", type=int, default=None, help="inner refinement steps per segment")
     g.add_argument("--T", type=int, default=None, help="slow module f_H updates when t %% T == 0")
     g.add_argument("--top-k", type=int, default=2, help="heads kept per token")
@@ -83,6 +86,9 @@ def get_parser():
                    help="weight of the routing entropy in the loss: positive penalises entropy (sharper routing), "
                         "negative rewards it")
     g.add_argument("--entropy-anneal", action="store_true", help="anneal the entropy weight linearly to zero")
+    g.add_argument("--balance-weight", type=float, default=0.01,
+                   help="weight of the load-balancing term (Switch-Transformer form, share of tokens routed x mean "
+                        "router probability per head): keeps top-k from collapsing onto one head set; 0 turns it off")
     g.add_argument("--hard-route", action="store_true", help="hard top-k routing with straight-through gradient")
     g.add_argument("--h-gate", default="fixed", choices=["fixed", "learned"], help="z_H update: every T steps, "
                    "or a learned sigmoid gate at every step")
@@ -159,7 +165,7 @@ def resolve_args(argv=None):
 def model_config(args, task):
     return ModelConfig(
         vocab_size=task.vocab_size, n_classes=task.n_classes, d_model=args.d_model, n_heads=args.n_heads,
-        n_layers=args.n_layers, pos=args.pos, attn=args.attn, R=args.R, controller=args.controller,
+        n_layers=args.n_layers, pos=args.pos, attn=args.attn, attn_impl=args.attn_impl, R=args.R, controller=args.controller,
         d_ctrl=args.d_ctrl, T=args.T, top_k=args.top_k, hard_route=args.hard_route, h_gate=args.h_gate,
         reset_controller=args.reset_controller, grad=args.grad, grad_steps=args.grad_steps, supervise=args.supervise,
         ponder_weight=args.ponder_weight, ponder_prior=args.ponder_prior, label_smoothing=args.label_smoothing)
@@ -228,9 +234,21 @@ def checkpoint_file(path):
     return os.path.join(path, "best.pt") if os.path.isdir(path) else path
 
 
-def final_temperature(config):
-    """The router temperature a run is evaluated at, the end of its anneal; config: the run's flags as a dict."""
-    return temperature_at(1.0, config["temp_start"], config["temp_end"], config["temp_floor"])
+def train_temperature(config, step):
+    """The router temperature the run trained at by optimizer step `step`; config: the run's flags as a dict.
+    Validation, checkpoint selection and testing use it, so a run stopped early by --time-budget is scored at
+    the temperature it trained at, not at the end of an anneal it never reached."""
+    frac = min(step / config["max_steps"], 1.0) if step is not None and config.get("max_steps") else 1.0
+    return temperature_at(frac, config["temp_start"], config["temp_end"], config["temp_floor"])
+
+
+def checkpoint_temperature(ckpt):
+    """The temperature to evaluate a saved checkpoint at: the one it records (best.pt and ckpt.pt do), else, for
+    checkpoints of older versions, the temperature of its step."""
+    if ckpt.get("temperature") is not None:
+        return ckpt["temperature"]
+    return train_temperature(ckpt.get("config") or {"temp_start": 2.0, "temp_end": 1.0, "temp_floor": 0.0},
+                             ckpt.get("step"))
 
 
 def load_checkpoint(path, device="cpu"):
@@ -383,24 +401,44 @@ class Carry:
 
 
 @torch.no_grad()
-def evaluate(model, task, x, y, segments, n_steps=None, temperature=1.0, batch_size=256, device="cpu", amp=None):
-    """Run `segments` segments over (x, y) and score each one. Returns a list of metric dicts, one per segment
-    (each with the mean inner steps used), averaged over all items."""
+def evaluate(model, task, x, y, segments, n_steps=None, temperature=1.0, batch_size=256, device="cpu", amp=None,
+             ablate=None, with_routing=False):
+    """Run `segments` segments over (x, y) and score each one. Returns a list of metric dicts, one per segment,
+    averaged over all items: the task's metrics, the mean inner steps used and, for a routed model, head_min (the
+    share of tokens that keep the least kept head, lowest over the inner steps) and modal_max (the share of tokens
+    that keep the most common head set, highest over the inner steps). with_routing=True also returns the last
+    segment's routing per inner step, {"usage": (R, H), "modal_share": (R,)} as lists, or None when nothing is
+    routed. ablate: one of hrm_controller.ABLATIONS, to score the model with its routing replaced."""
     model.eval()
     totals = [dict() for _ in range(segments)]
+    usage = modal = None
+    gen = torch.Generator().manual_seed(0)  # the ablations' random draws: the same on every call
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
         state = None
         for s in range(segments):
             with amp or nullcontext():
-                out = model(xb, state=state, temperature=temperature, grid=task.grid, n_steps=n_steps)
+                out = model(xb, state=state, temperature=temperature, grid=task.grid, n_steps=n_steps,
+                            ablate=ablate, ablate_gen=gen)
             state = out["state"]
             scores = task.metrics(out["logits"], xb, yb)
-            scores["steps_used"] = float(out["parts"]["steps_used"])
+            parts = out["parts"]
+            scores["steps_used"] = float(parts["steps_used"])
+            if "usage" in parts:
+                scores["head_min"] = float(parts["usage"].min())
+                scores["modal_max"] = float(parts["modal_share"].max())
+                if s == segments - 1:  # the last segment's profile, weighted by batch size like the scores
+                    w = len(xb) / len(x)
+                    usage = parts["usage"].cpu() * w + (usage if usage is not None else 0)
+                    modal = parts["modal_share"].cpu() * w + (modal if modal is not None else 0)
             for k, v in scores.items():
                 totals[s][k] = totals[s].get(k, 0.0) + v * len(xb)
     model.train()
-    return [{k: v / len(x) for k, v in t.items()} for t in totals]
+    per_seg = [{k: v / len(x) for k, v in t.items()} for t in totals]
+    if not with_routing:
+        return per_seg
+    routing = None if usage is None else {"usage": usage.tolist(), "modal_share": modal.tolist()}
+    return per_seg, routing
 
 
 def main(argv=None):
@@ -528,7 +566,7 @@ def run(args):
     select = "optimal" if task_kind(args.task) == "maze" else "tau"
     x_val, y_val = task.split("val")
     eval_kw = dict(segments=args.segments, n_steps=args.eval_steps, batch_size=args.eval_batch_size,
-                   device=device, amp=amp, temperature=final_temperature(vars(args)))
+                   device=device, amp=amp, with_routing=True)
     bar = tqdm(total=args.max_steps, initial=step, disable=not master or args.no_progress, dynamic_ncols=True)
     next_eval = (step // args.eval_interval + 1) * args.eval_interval
     t_last, n_last = time.time(), 0
@@ -544,7 +582,8 @@ def run(args):
             temperature = temperature_at(frac, args.temp_start, args.temp_end, args.temp_floor)
             ew = anneal(args.entropy_weight, 0.0, frac) if args.entropy_anneal else args.entropy_weight
             with amp or nullcontext():
-                out = model(x, y, state=state, temperature=temperature, entropy_weight=ew, grid=task.grid)
+                out = model(x, y, state=state, temperature=temperature, entropy_weight=ew,
+                            balance_weight=args.balance_weight, grid=task.grid)
             loss = out["loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -578,15 +617,16 @@ def run(args):
                 next_eval = (step // args.eval_interval + 1) * args.eval_interval
                 if master:
                     t0 = time.time()
-                    per_seg = evaluate(ema or raw_model, task, x_val, y_val, **eval_kw)
+                    temp_now = train_temperature(vars(args), step)  # scored as it trains now
+                    per_seg, routing = evaluate(ema or raw_model, task, x_val, y_val, temperature=temp_now, **eval_kw)
                     final = per_seg[-1]
-                    log({"step": step, "split": "val", **final, "per_segment": per_seg,
-                         "train_seconds": t0 - t_start - t_eval})
+                    log({"step": step, "split": "val", **final, "per_segment": per_seg, "temperature": temp_now,
+                         "routing": routing, "train_seconds": t0 - t_start - t_eval})
                     bar.write(f"step {step}: val " + " ".join(f"{k} {v:.4f}" for k, v in final.items()))
                     if final[select] > best:  # best moves only once best.pt is written, so the two agree
                         save_atomic({"model": (ema or raw_model).state_dict(), "model_args": asdict(cfg),
-                                     "step": step, "best_val": final[select], "config": vars(args)},
-                                    os.path.join(args.out_dir, "best.pt"))
+                                     "step": step, "best_val": final[select], "temperature": temp_now,
+                                     "config": vars(args)}, os.path.join(args.out_dir, "best.pt"))
                         best = final[select]
                     t_eval += time.time() - t0
                     checkpoint()
@@ -608,15 +648,17 @@ def run(args):
     if master:
         best_model, best_ckpt = load_checkpoint(os.path.join(args.out_dir, "best.pt"), device)
         x_test, y_test = task.split("test")
-        per_seg = evaluate(best_model, task, x_test, y_test, **eval_kw)
-        result = {"step": best_ckpt["step"], "n_test": len(x_test), **per_seg[-1], "per_segment": per_seg}
+        temp_best = checkpoint_temperature(best_ckpt)
+        per_seg, routing = evaluate(best_model, task, x_test, y_test, temperature=temp_best, **eval_kw)
+        result = {"step": best_ckpt["step"], "temperature": temp_best, "n_test": len(x_test), **per_seg[-1],
+                  "per_segment": per_seg, "routing": routing}
         if hasattr(task, "chance"):  # mazes: the same rollout on random scores, the level to clear
             result["chance"] = task.chance(x_test, y_test)
         with open(os.path.join(args.out_dir, "test.json"), "w") as f:
             json.dump(result, f, indent=2)
         log({"step": step, "split": "test", **per_seg[-1]})
-        print0(f"test ({len(x_test)} items, best val checkpoint of step {best_ckpt['step']}): "
-               + " ".join(f"{k} {v:.4f}" for k, v in per_seg[-1].items()))
+        print0(f"test ({len(x_test)} items, best val checkpoint of step {best_ckpt['step']}, temperature "
+               f"{temp_best:.3f}): " + " ".join(f"{k} {v:.4f}" for k, v in per_seg[-1].items()))
         if "chance" in result:
             print0("chance (random scores, same rollout): "
                    + " ".join(f"{k} {v:.4f}" for k, v in result["chance"].items()))
