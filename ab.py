@@ -20,7 +20,6 @@ a printed table per swept value, and with --sweep <root>/sweep_<flag>_<metric>.p
 import argparse
 import csv
 import json
-import math
 import os
 import sys
 import time
@@ -30,42 +29,14 @@ import torch
 
 import plots
 import train
+from stats import fmt, summarize
 
-# Two-sided 95% critical values of Student's t by degrees of freedom; between rows the smaller df is used,
-# which overstates the interval a little rather than understating it.
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-       11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-       20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
 OWNED = ("--task", "--controller", "--seed", "--out-dir")  # set per run by the harness
 SMOKE = ["--n-val", "100", "--n-test", "1000", "--d-model", "16", "--n-heads", "2", "--n-layers", "1",
          "--d-ctrl", "8", "--R", "2", "--batch-size", "16", "--max-steps", "20", "--eval-interval", "10",
          "--warmup", "5", "--no-progress"]
 QUICK = ["--max-steps", "100", "--batch-size", "64", "--eval-interval", "50", "--warmup", "20", "--n-val", "500",
          "--n-test", "2000", "--no-progress"]
-
-
-def t_critical(df):
-    """95% two-sided Student t critical value for df >= 1 degrees of freedom (1.96 beyond the table)."""
-    if df > 120:
-        return 1.960
-    return T95[max(k for k in T95 if k <= df)]
-
-
-def summarize(values):
-    """(mean, sample std with n - 1, half-width of the 95% CI of the mean); std and CI are nan for one value."""
-    n = len(values)
-    if n == 0:
-        raise ValueError("summarize needs at least one value")
-    mean = sum(values) / n
-    if n == 1:
-        return mean, math.nan, math.nan
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, std, t_critical(n - 1) * std / math.sqrt(n)
-
-
-def fmt(mean, std, ci):
-    """'0.5123 ± 0.0100 (CI ±0.0248)'; a single run shows its value only."""
-    return f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f} ± {std:.4f} (CI ±{ci:.4f})"
 
 
 def run_one(root, task, controller, seed, passthrough, sweep=None):

@@ -29,7 +29,7 @@ TASK_NAMES = ("maze8", "maze12", "maze16", "maze24", "sort12", "sort12-visible",
 MOVES = ((-1, 0), (0, 1), (1, 0), (0, -1))  # N, E, S, W as (dr, dc): row grows southward, column eastward
 GOAL_CLASS = 4  # direction target: the goal cell has no move
 IGNORE = -100  # cross-entropy ignore index, for cells the goal cannot reach
-GENERATOR = "gen_dfs"
+GENERATOR = "gen_dfs"  # maze-dataset's LatticeMazeGenerators method for perfect mazes, the default
 CHUNK = 500  # mazes per maze-dataset call; part of the cached content, so bump CACHE_VERSION if it changes
 CACHE_VERSION = 2
 SORT_MASK = 200  # values -100..99 become tokens 0..199
@@ -190,8 +190,24 @@ def canonical_keys(open_sides, start, goal):
     return [min(f[i].tobytes() for f in forms) for i in range(len(forms[0]))]
 
 
-def maze_metrics(logits, x, y):
-    """reach / optimal / exact of the greedy rollout and per-cell accuracy, means over the batch.
+def labelled_path(y, start, n):
+    """The shortest path start..goal that direction labels y (n*n,) encode: follow the labelled move from the start
+    until the goal class. Equal to solve()'s path, whose tie-breaking the labels share. Empty if unreachable."""
+    path, cur = [], tuple(start)
+    for _ in range(n * n):
+        d = int(y[cur[0] * n + cur[1]])
+        if d == IGNORE:
+            return []
+        path.append(cur)
+        if d == GOAL_CLASS:
+            return path
+        cur = (cur[0] + MOVES[d][0], cur[1] + MOVES[d][1])
+    raise ValueError("direction labels loop without reaching the goal")
+
+
+def maze_metrics(logits, x, y, per_item=False):
+    """reach / optimal / exact of the greedy rollout and per-cell accuracy, means over the batch (per_item=True:
+    a list per metric, one value per maze).
 
     Needs nothing but its arguments, so it scores mazes of any size; the target is read from the class count."""
     scores = logits.detach().float().cpu().numpy()
@@ -201,18 +217,19 @@ def maze_metrics(logits, x, y):
     if C not in (5, 2):
         raise ValueError(f"maze logits need 5 (direction) or 2 (path) classes, got {C}")
     target = "direction" if C == 5 else "path"
-    out = {"reach": 0.0, "optimal": 0.0, "exact": 0.0, "cell_acc": 0.0}
+    out = {"reach": [], "optimal": [], "exact": [], "cell_acc": []}
     for b in range(B):
         open_sides, start, goal = decode(x[b], n)
-        _, best = solve(open_sides, start, goal)  # the path labels() used for y
+        # the path labels() used for y: read off the direction labels (no BFS per maze and segment), or solved
+        best = labelled_path(y[b], start, n) if target == "direction" else solve(open_sides, start, goal)[1]
         path = rollout(scores[b], open_sides, start, goal, target)
         reached = path[-1] == goal
-        out["reach"] += reached
-        out["optimal"] += reached and len(path) == len(best)
-        out["exact"] += path == best
+        out["reach"].append(float(reached))
+        out["optimal"].append(float(reached and len(path) == len(best)))
+        out["exact"].append(float(path == best))
         known = y[b] != IGNORE
-        out["cell_acc"] += float((scores[b].argmax(-1) == y[b])[known].mean())
-    return {k: float(v) / B for k, v in out.items()}
+        out["cell_acc"].append(float((scores[b].argmax(-1) == y[b])[known].mean()))
+    return out if per_item else {k: sum(v) / B for k, v in out.items()}
 
 
 # Mazes: generation, caching and the task.
@@ -229,14 +246,23 @@ def preserved_global_rngs():
         torch.set_rng_state(states[2])
 
 
-def maze_dataset_chunk(n, count, seed):
-    """`count` SolvedMazes from maze-dataset, serial (the parallel path is not reproducible), nothing saved."""
+def generator_name(generator=GENERATOR, gen_kwargs=None):
+    """A generator and its arguments as one name for cache files and logs: gen_dfs, gen_dfs_percolation-p0.1."""
+    return generator + "".join(f"-{k}{v}" for k, v in sorted((gen_kwargs or {}).items()))
+
+
+def maze_dataset_chunk(n, count, seed, generator=GENERATOR, gen_kwargs=None):
+    """`count` SolvedMazes from maze-dataset, serial (the parallel path is not reproducible), nothing saved.
+    generator: a LatticeMazeGenerators method name (gen_dfs, gen_dfs_percolation, gen_wilson, ...), gen_kwargs its
+    keyword arguments (e.g. {"p": 0.1} for gen_dfs_percolation)."""
     # imported here: it takes about 2 s and the sorting tasks never need it
     from maze_dataset import LatticeMazeGenerators, MazeDataset, MazeDatasetConfig
     with preserved_global_rngs(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it warns whenever the seed differs from its global default
+        if not hasattr(LatticeMazeGenerators, generator):
+            raise ValueError(f"maze-dataset has no generator {generator!r}")
         cfg = MazeDatasetConfig(name="hrm-poh", grid_n=n, n_mazes=count, seed=seed,
-                                maze_ctor=getattr(LatticeMazeGenerators, GENERATOR))
+                                maze_ctor=getattr(LatticeMazeGenerators, generator), maze_ctor_kwargs=gen_kwargs or {})
         ds = MazeDataset.from_config(cfg, do_generate=True, load_local=False, save_local=False,
                                      do_download=False, gen_parallel=False, verbose=False)
     return list(ds.mazes)
@@ -258,7 +284,7 @@ def pool_shapes(n, count):
             "dist": (count, n, n)}
 
 
-def generate_mazes(n, count, seed, progress=False):
+def generate_mazes(n, count, seed, progress=False, generator=GENERATOR, gen_kwargs=None):
     """A pool of `count` n x n mazes as arrays; identical for the same (n, count, seed), prefixes shared.
 
     Chunk i uses a seed derived from (seed, i), so a bar can show progress and a pool of 2,000 is the first
@@ -267,7 +293,7 @@ def generate_mazes(n, count, seed, progress=False):
     with tqdm(total=count, desc=f"maze{n} seed {seed}", unit="maze", disable=not progress) as bar:
         for i, lo in enumerate(range(0, count, CHUNK)):
             chunk_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
-            for m in maze_dataset_chunk(n, min(CHUNK, count - lo), chunk_seed):
+            for m in maze_dataset_chunk(n, min(CHUNK, count - lo), chunk_seed, generator, gen_kwargs):
                 o, s, g = from_solved(m)
                 dist, path = solve(o, s, g)
                 for key, v in zip(pool, (o, s, g, len(path), dist)):
@@ -278,19 +304,19 @@ def generate_mazes(n, count, seed, progress=False):
     return {k: np.array(v, dtype=types[k]).reshape(-1, *pool_shapes(n, 0)[k][1:]) for k, v in pool.items()}
 
 
-def pool_file(n, count, seed):
+def pool_file(n, count, seed, generator=GENERATOR, gen_kwargs=None):
     """The cache file name of a pool: every setting that changes its content is in the name."""
-    return f"maze_g{n}_n{count}_seed{seed}_{GENERATOR}_v{CACHE_VERSION}.npz"
+    return f"maze_g{n}_n{count}_seed{seed}_{generator_name(generator, gen_kwargs)}_v{CACHE_VERSION}.npz"
 
 
-def load_mazes(n, count, seed, cache_dir="data_cache", progress=True):
+def load_mazes(n, count, seed, cache_dir="data_cache", progress=True, generator=GENERATOR, gen_kwargs=None):
     """generate_mazes() through an .npz cache named by the full config; a bad file is reported and rebuilt.
     An empty pool (count 0) is neither generated nor cached."""
     shapes = pool_shapes(n, count)
     if count == 0:
         types = {"open": bool, "dist": np.int16}
         return {k: np.zeros(shape, dtype=types.get(k, np.int64)) for k, shape in shapes.items()}
-    path = os.path.join(cache_dir, pool_file(n, count, seed))
+    path = os.path.join(cache_dir, pool_file(n, count, seed, generator, gen_kwargs))
     if os.path.exists(path):
         try:
             with np.load(path) as f:
@@ -300,7 +326,7 @@ def load_mazes(n, count, seed, cache_dir="data_cache", progress=True):
             return pool
         except Exception as e:  # any unreadable file: regenerate rather than train on garbage
             print(f"cache file {path} is unusable ({type(e).__name__}: {e}); regenerating")
-    pool = generate_mazes(n, count, seed, progress)
+    pool = generate_mazes(n, count, seed, progress, generator, gen_kwargs)
     os.makedirs(cache_dir, exist_ok=True)
     # write then rename, so an interrupted run never leaves a half-written file under the real name
     with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".tmp", delete=False) as tmp:
@@ -320,17 +346,18 @@ def drop_overlap(pool, seen_keys, what="held-out"):
 
 
 class MazeTask:
-    """Mazes of one size: a cached training pool sampled with symmetries, and fixed val / test sets."""
+    """Mazes of one size: a cached training pool sampled with symmetries, and fixed val / test sets.
+    generator / gen_kwargs pick maze-dataset's generator for every pool (default: perfect DFS mazes)."""
 
     def __init__(self, name, n, *, seed=0, n_train=N_TRAIN, n_val=1000, n_test=1000, cache_dir="data_cache",
-                 target="direction", augment=True, progress=True):
+                 target="direction", augment=True, progress=True, generator=GENERATOR, gen_kwargs=None):
         if target not in ("direction", "path"):
             raise ValueError(f"unknown target {target!r}; use 'direction' or 'path'")
         self.name, self.n, self.target, self.augment = name, n, target, augment
         self.vocab_size, self.n_classes = 48, 5 if target == "direction" else 2
         self.grid, self.seq_len = (n, n), n * n
         # three seeds per task seed: the sets come from disjoint random streams
-        self.pools = {s: load_mazes(n, count, 3 * seed + i, cache_dir, progress)
+        self.pools = {s: load_mazes(n, count, 3 * seed + i, cache_dir, progress, generator, gen_kwargs)
                       for i, (s, count) in enumerate((("train", n_train), ("val", n_val), ("test", n_test)))}
         # and are made disjoint for real, symmetries included (only tiny grids ever repeat a maze)
         seen = set(canonical_keys(*(self.pools["train"][k] for k in ("open", "start", "goal"))))
@@ -339,12 +366,14 @@ class MazeTask:
             keys = canonical_keys(*(self.pools[s][k] for k in ("open", "start", "goal")))
             assert seen.isdisjoint(keys)
             seen.update(keys)
-        self.splits = {s: self._encode_pool(self.pools[s], np.zeros(len(self.pools[s]["plen"]), dtype=int))
-                       for s in ("val", "test")}
+        self.splits = {s: self.encode_pool(self.pools[s]) for s in ("val", "test")}
 
-    def _encode_pool(self, pool, ks):
-        """Inputs and labels of a pool after applying symmetry ks[i] to maze i."""
-        o, s, g, dist = (pool[k].copy() for k in ("open", "start", "goal", "dist"))
+    def encode_pool(self, pool, ks=None):
+        """Inputs x (B, n*n) and labels y (B, n*n) of a pool of mazes (a dict of arrays as generate_mazes returns:
+        open, start, goal, dist; from this task's pools or from anywhere else), after applying symmetry ks[i] to
+        maze i (none by default)."""
+        o, s, g, dist = (np.array(pool[k]) for k in ("open", "start", "goal", "dist"))
+        ks = np.zeros(len(o), dtype=int) if ks is None else np.asarray(ks)
         for k in range(1, 8):
             sel = ks == k
             if sel.any():
@@ -365,15 +394,15 @@ class MazeTask:
             allowed = np.flatnonzero(plen == (plen.max() if min_path_len > plen.max() else plen.min()))
         idx = allowed[torch.randint(len(allowed), (batch_size,), generator=gen).numpy()]
         ks = torch.randint(8, (batch_size,), generator=gen).numpy() if self.augment else np.zeros(batch_size, int)
-        return self._encode_pool({k: v[idx] for k, v in self.pools["train"].items()}, ks)
+        return self.encode_pool({k: v[idx] for k, v in self.pools["train"].items()}, ks)
 
     def split(self, name):
         if name not in self.splits:
             raise ValueError(f"unknown split {name!r}; use 'val' or 'test'")
         return self.splits[name]
 
-    def metrics(self, logits, x, y):
-        return maze_metrics(logits, x, y)
+    def metrics(self, logits, x, y, per_item=False):
+        return maze_metrics(logits, x, y, per_item)
 
     def chance(self, x, y, seed=0):
         """The metrics of the same greedy rollout on random scores: the level a model must clear. DFS mazes have
@@ -409,13 +438,15 @@ def expected_ranks(logits):
     return key.argsort(dim=1, stable=True).argsort(dim=1)
 
 
-def rank_metrics(pred, true):
-    """Kendall tau-a, per-element accuracy and perfect-sort rate of (B, L) ranks, means over the batch."""
+def rank_metrics(pred, true, per_item=False):
+    """Kendall tau-a, per-element accuracy and perfect-sort rate of (B, L) ranks, means over the batch
+    (per_item=True: a list per metric, one value per array)."""
     L = true.shape[1]
     agree = torch.sign(pred[:, :, None] - pred[:, None, :]) * torch.sign(true[:, :, None] - true[:, None, :])
     tau = agree.float().sum((1, 2)) / (L * (L - 1))  # the full matrix counts every pair twice
     right = (pred == true).float()
-    return {"tau": tau.mean().item(), "elem_acc": right.mean().item(), "perfect": right.min(1).values.mean().item()}
+    items = {"tau": tau, "elem_acc": right.mean(1), "perfect": right.min(1).values}
+    return {k: v.tolist() if per_item else v.mean().item() for k, v in items.items()}
 
 
 def reference_ranks(x, fill="mean"):
@@ -464,11 +495,12 @@ class SortTask:
             raise ValueError(f"unknown split {name!r}; use 'val' or 'test'")
         return self.splits[name]
 
-    def metrics(self, logits, x, y):
+    def metrics(self, logits, x, y, per_item=False):
         """tau, elem_acc, perfect from expected-rank decoding (the primary); the same with the suffix
         _assign from greedy one-to-one assignment, which wins on element accuracy and loses on tau."""
-        scores = rank_metrics(expected_ranks(logits), y.cpu())
-        scores.update({f"{k}_assign": v for k, v in rank_metrics(greedy_ranks(logits), y.cpu()).items()})
+        scores = rank_metrics(expected_ranks(logits), y.cpu(), per_item)
+        assigned = rank_metrics(greedy_ranks(logits), y.cpu(), per_item)
+        scores.update({f"{k}_assign": v for k, v in assigned.items()})
         return scores
 
     def reference_metrics(self, x, y, fill="mean"):

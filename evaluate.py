@@ -67,8 +67,9 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=1000, da
         raise ValueError(f"{path} has no router (controller {model.cfg.controller}); nothing to ablate")
     temperature = train.checkpoint_temperature(ckpt)  # the temperature it trained at when it was saved
     x, y = task.split("test")
-    per_seg, routing = train.evaluate(model, task, x, y, segments, n_steps=inner_steps, temperature=temperature,
-                                      batch_size=batch_size, device=device, ablate=ablate, with_routing=True)
+    scored = train.evaluate(model, task, x, y, segments, n_steps=inner_steps, temperature=temperature,
+                            batch_size=batch_size, device=device, ablate=ablate)
+    per_seg, routing = scored["per_segment"], scored["routing"]
     # the yardstick printed beside the scores: random scores through the same decoder (mazes), or the simple
     # reference that puts hidden values at 0 (sorting, about the best possible tau with half hidden)
     chance = task.chance(x, y) if hasattr(task, "chance") else task.reference_metrics(x, y, fill="zero")

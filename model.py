@@ -268,7 +268,7 @@ class PoHModel(nn.Module):
         return {"logits": logits, "loss": loss, "parts": parts, "state": out_state, "trace": steps}
 
     def attention_mask(self, x, grid):
-        """What the blocks' attention may see: None (global), a dense mask, or (idx, allowed) to gather."""
+        """What the blocks' attention may see: None (global), a dense mask, or (grid, allowed) to gather."""
         attn, gather = self.cfg.attn, self.cfg.attn_impl == "gather"
         if attn == "local":
             return neighbour_index(grid, x.device) if gather else local_mask(grid, x.device)

@@ -20,6 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
+from stats import summarize  # noqa: E402
+
 DPI = 80  # small files: the docs/ PNGs stay well under 150 KB
 COLORS = {"true": "#2ca02c", "pred": "#1f77b4", "wrong": "#d62728", "missed": "#ff7f0e",
           "start": "#9467bd", "goal": "#000000"}
@@ -198,7 +200,6 @@ def head_heatmap(usage, out_png, h_update_steps, row_labels=None):
 def sweep_plot(rows, flag, metric, out_png):
     """Mean of `metric` against the swept value, one line per controller, error bars = 95% CI half-width
     (none where a point has a single run). rows: dicts with 'controller', 'sweep_value' and the metric."""
-    from ab import summarize  # the one statistics function; imported here as ab imports this module
     values = list(dict.fromkeys(str(r["sweep_value"]) for r in rows))
     try:  # numeric values go on a numeric axis, anything else (e.g. task names) in the given order
         xs = {v: float(v) for v in values}

@@ -80,41 +80,53 @@ def open_mask(tokens, grid):
 
 
 # Gathered neighbour attention: the same function as the masked dense path for "local" and "open", computed on
-# the (at most) 5 keys each cell may see, so time and memory grow with N instead of N^2.
+# the (at most) 5 keys each cell may see, so time and memory grow with N instead of N^2. The neighbours are read
+# as shifted views of the zero-padded grid rather than by an index gather: the backward of a slice is a cheap copy,
+# that of an index gather a scatter-add, which made the gather slower than dense attention at maze12 on CPU.
+
+SIDES = ((-1, 0), (0, 1), (1, 0), (0, -1))  # N, E, S, W: data.MOVES' order, the wall bits' order
+
 
 def neighbour_index(grid, device=None):
-    """idx (N, 5) long: each cell itself, then its N, E, S, W neighbours (itself where off the grid), and
-    on_grid (N, 5) bool, False where a neighbour falls off the grid."""
+    """on_grid (N, 5) bool: True for each cell itself (column 0) and for its N, E, S, W neighbours that lie on the
+    grid. Returned with the grid, as the `mask` that makes PoHAttention gather: (grid, allowed)."""
     h, w = grid
     rows, cols = (c.long() for c in grid_coords(grid, device))
-    idx, on_grid = [rows * w + cols], [torch.ones_like(rows, dtype=torch.bool)]
-    for dr, dc in ((-1, 0), (0, 1), (1, 0), (0, -1)):  # N, E, S, W: data.MOVES' order, the wall bits' order
+    on_grid = [torch.ones_like(rows, dtype=torch.bool)]
+    for dr, dc in SIDES:
         r, c = rows + dr, cols + dc
-        ok = (r >= 0) & (r < h) & (c >= 0) & (c < w)
-        idx.append(torch.where(ok, r * w + c, rows * w + cols))
-        on_grid.append(ok)
-    return torch.stack(idx, 1), torch.stack(on_grid, 1)
+        on_grid.append((r >= 0) & (r < h) & (c >= 0) & (c < w))
+    return grid, torch.stack(on_grid, 1)
 
 
 def open_neighbours(tokens, grid):
-    """(idx (N, 5), allowed (B, N, 5)): as neighbour_index, allowed only where the side is open (bit d of
-    token % 16, as in open_mask); a cell always sees itself."""
-    idx, on_grid = neighbour_index(grid, tokens.device)
+    """(grid, allowed (B, N, 5)): as neighbour_index, allowed only where the side is open (bit d of token % 16, as in
+    open_mask); a cell always sees itself. An open side never points off the grid in a valid maze, but the on-grid
+    check keeps any token safe."""
+    _, on_grid = neighbour_index(grid, tokens.device)
     sides = ((tokens % 16)[..., None] >> torch.arange(4, device=tokens.device)) & 1 == 1  # (B, N, 4)
-    self_too = torch.ones_like(sides[..., :1])
-    return idx, on_grid & torch.cat([self_too, sides], -1)
+    return grid, on_grid & torch.cat([torch.ones_like(sides[..., :1]), sides], -1)
 
 
-def neighbour_attention(q, k, v, idx, allowed):
-    """softmax attention of each query over its 5 gathered keys. q, k, v (B, H, N, Dh); idx (N, 5); allowed
-    (N, 5) or (B, N, 5) bool. Returns (B, H, N, Dh), equal to SDPA with the matching dense mask."""
-    B, H, N, Dh = q.shape
-    k_nb = k[:, :, idx.reshape(-1)].view(B, H, N, 5, Dh)  # (B, H, N, 5, Dh): the keys each cell may see
-    v_nb = v[:, :, idx.reshape(-1)].view(B, H, N, 5, Dh)
-    scores = (q.unsqueeze(-2) * k_nb).sum(-1) * Dh ** -0.5  # (B, H, N, 5)
-    allowed = allowed if allowed.dim() == 3 else allowed.unsqueeze(0)  # (B or 1, N, 5)
-    scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))  # self is always allowed: no empty row
-    return (scores.softmax(-1).unsqueeze(-1) * v_nb).sum(-2)  # (B, H, N, Dh)
+def shifted(z, grid):
+    """The 5 views of z (B, H, N, Dh) that hold, at each cell, the value of the cell itself and of its N, E, S, W
+    neighbour (zeros off the grid): a list of (B, H, h, w, Dh) tensors."""
+    (h, w), (B, H, _, Dh) = grid, z.shape
+    z = z.view(B, H, h, w, Dh)
+    padded = F.pad(z, (0, 0, 1, 1, 1, 1))  # (B, H, h+2, w+2, Dh)
+    return [z] + [padded[:, :, 1 + dr:1 + dr + h, 1 + dc:1 + dc + w] for dr, dc in SIDES]
+
+
+def neighbour_attention(q, k, v, grid, allowed):
+    """softmax attention of each query over its 5 neighbour keys. q, k, v (B, H, N, Dh); allowed (N, 5) or
+    (B, N, 5) bool. Returns (B, H, N, Dh), equal to SDPA with the matching dense mask."""
+    (h, w), (B, H, N, Dh) = grid, q.shape
+    qg = q.view(B, H, h, w, Dh) * Dh ** -0.5
+    scores = torch.stack([(qg * kd).sum(-1) for kd in shifted(k, grid)], -1)  # (B, H, h, w, 5)
+    allowed = allowed.view(-1, 1, h, w, 5)  # (B or 1, 1, h, w, 5)
+    weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)  # self is always allowed: no empty row
+    o = sum(weights[..., d:d + 1] * vd for d, vd in enumerate(shifted(v, grid)))  # (B, H, h, w, Dh)
+    return o.view(B, H, N, Dh)
 
 
 class PoHAttention(nn.Module):
@@ -127,7 +139,7 @@ class PoHAttention(nn.Module):
 
     def forward(self, x, alpha=None, rope=None, mask=None):
         """x (B, N, D); alpha (B, N, H) head weights or None for plain attention; rope (cos, sin); mask: None,
-        a dense bool mask (N, N) or (B, 1, N, N), or a tuple (idx, allowed) for gathered neighbour attention."""
+        a dense bool mask (N, N) or (B, 1, N, N), or a tuple (grid, allowed) for gathered neighbour attention."""
         B, N, D = x.shape
         H = self.n_heads
         q, k, v = self.qkv(x).split(D, dim=2)

@@ -29,6 +29,7 @@ import data
 import evaluate
 import plots
 import sample_maze
+import stats
 import train
 
 from hrm_controller import Controller, ControllerConfig, route, routing_entropy, temperature_at
@@ -780,16 +781,16 @@ def test_diag_marks_h_update_exactly_where_t_mod_T_is_zero_and_z_H_changes():
 # ---- statistics
 
 def test_summarize_matches_hand_computed_mean_std_and_t_interval():
-    mean, std, ci = ab.summarize([1.0, 2.0, 3.0, 4.0])
+    mean, std, ci = stats.summarize([1.0, 2.0, 3.0, 4.0])
     # mean 2.5; sample variance (2.25 + 0.25 + 0.25 + 2.25) / 3 = 5/3; t(3) = 3.182; CI = t * std / sqrt(4)
     assert mean == 2.5 and std == pytest.approx(math.sqrt(5 / 3)) and ci == pytest.approx(3.182 * math.sqrt(5 / 3) / 2)
-    mean, std, ci = ab.summarize([0.5, 0.7])
+    mean, std, ci = stats.summarize([0.5, 0.7])
     assert mean == pytest.approx(0.6) and std == pytest.approx(math.sqrt(0.02)) and ci == pytest.approx(1.2706)
-    mean, std, ci = ab.summarize([0.42])
+    mean, std, ci = stats.summarize([0.42])
     assert mean == 0.42 and math.isnan(std) and math.isnan(ci)  # one run: no spread, no interval
-    assert ab.t_critical(22) == 2.086 and ab.t_critical(500) == 1.960  # between rows: the smaller df
+    assert stats.t_critical(22) == 2.086 and stats.t_critical(500) == 1.960  # between rows: the smaller df
     with pytest.raises(ValueError):
-        ab.summarize([])
+        stats.summarize([])
 
 
 def test_summary_table_warns_only_when_parameter_counts_differ_by_more_than_5_percent():
@@ -1525,3 +1526,47 @@ def test_default_maze_model_forward_and_backward_on_maze64_batch_8_fits_in_2_gib
     assert r.returncode == 0, r.stderr[-2000:]
     peak = int(r.stdout.split()[-1])
     assert peak < 2 * 2**30, f"peak RSS {peak / 2**30:.2f} GiB"
+
+
+def test_the_project_modules_import_each_other_without_a_circle():
+    # every import of a project module, at the top or inside a function, read with ast: an edge of the graph
+    import ast
+    mods = {f[:-3] for f in os.listdir(REPO) if f.endswith(".py") and f != "test_all.py"}
+    graph = {}
+    for m in mods:
+        tree = ast.parse(open(os.path.join(REPO, m + ".py")).read())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        graph[m] = {name.split(".")[0] for name in names} & mods - {m}
+    assert graph["plots"] == {"stats"} and "plots" in graph["train"]  # the circle ab -> plots -> ab is gone
+
+    def reaches(a, b, seen=()):
+        return b in graph[a] or any(reaches(c, b, seen + (a,)) for c in graph[a] if c not in seen)
+    assert [m for m in sorted(mods) if reaches(m, m)] == []
+
+
+def test_the_labelled_path_read_off_direction_labels_is_the_solved_shortest_path():
+    pool = data.generate_mazes(7, 30, 11)
+    y = data.batch_labels(pool["open"], pool["start"], pool["dist"].astype(np.int64))
+    for b in range(30):
+        best = data.solve(pool["open"][b], tuple(pool["start"][b]), tuple(pool["goal"][b]))[1]
+        assert data.labelled_path(y[b], tuple(pool["start"][b]), 7) == best
+
+
+def test_a_users_own_mazes_are_encoded_and_scored_per_item_through_the_public_api(tmp_path):
+    # mazes from elsewhere (here another generator, with loops) go through MazeTask.encode_pool and train.evaluate
+    # with per_item=True: no private pieces, no monkey-patching
+    task = data.make_task("maze5", n_train=40, n_val=8, n_test=8, cache_dir=str(tmp_path), progress=False)
+    pool = data.generate_mazes(5, 6, 7, generator="gen_dfs_percolation", gen_kwargs={"p": 0.3})
+    assert (pool["open"].sum((1, 2, 3)) / 2 > 5 * 5 - 1).any()  # more passages than a tree has: loops
+    x, y = task.encode_pool(pool)
+    assert x.shape == y.shape == (6, 25)
+    model = tiny_maze_model("hrm", R=2)
+    scored = train.evaluate(model, task, x, y, segments=2, per_item=True)
+    items = scored["items"]
+    assert set(items) == {"reach", "optimal", "exact", "cell_acc"} and all(len(v) == 6 for v in items.values())
+    for k, v in items.items():  # the per-item values average to the reported means
+        assert sum(v) / 6 == pytest.approx(scored["per_segment"][-1][k])
+    with pytest.raises(ValueError, match="no generator 'gen_nothing'"):
+        data.generate_mazes(5, 2, 0, generator="gen_nothing")
+    assert data.pool_file(5, 6, 7, "gen_dfs_percolation", {"p": 0.3}) != data.pool_file(5, 6, 7)

@@ -35,14 +35,20 @@ from data import N_TRAIN, TASK_NAMES, make_task, pool_file
 from hrm_controller import anneal, temperature_at
 from model import CONTROLLERS, ModelConfig, PoHModel
 
-# Per-task defaults for the flags left unset (None) on the command line: the recipes.
+# Per-task defaults for the flags left unset (None) on the command line: the recipes, by task name where one is
+# given (maze8), else by kind (every mazeN, every sortN).
 RECIPES = {
     "maze": dict(d_model=64, n_heads=4, n_layers=2, attn="open", d_ctrl=12, R=8, T=2, grad="tbptt", grad_steps=2,
                  supervise="last", segments=8, batching="rolling", batch_size=64, lr=1e-3, max_steps=5000,
-                 eval_interval=200, n_val=300, curriculum_steps=500),
+                 eval_interval=200, n_val=300, curriculum_steps=500, warmup=100),
+    # a first run that finishes while you watch: small mazes need fewer training mazes (the pool is generated in
+    # seconds), fewer segments and a short schedule
+    "maze8": dict(d_model=64, n_heads=4, n_layers=2, attn="open", d_ctrl=12, R=8, T=2, grad="tbptt", grad_steps=2,
+                  supervise="last", segments=4, batching="rolling", batch_size=64, lr=2e-3, warmup=50, max_steps=900,
+                  eval_interval=150, n_val=300, n_train=2000, curriculum_steps=200),
     "sort": dict(d_model=128, n_heads=4, n_layers=2, attn="global", d_ctrl=16, R=4, T=2, grad="bptt", grad_steps=2,
                  supervise="all", segments=1, batching="fixed", batch_size=128, lr=1e-3, max_steps=2000,
-                 eval_interval=200, n_val=2000, curriculum_steps=0),
+                 eval_interval=200, n_val=2000, curriculum_steps=0, warmup=100),
 }
 
 
@@ -115,7 +121,7 @@ def get_parser():
                         "then evaluates and tests")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
     g.add_argument("--min-lr-frac", type=float, default=0.1, help="the cosine ends at this fraction of the peak")
-    g.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
+    g.add_argument("--warmup", type=int, default=None, help="linear warmup steps")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on 2-D tensors")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
@@ -144,7 +150,7 @@ def resolve_args(argv=None):
     """Parse argv, fill the task's recipe for unset flags, and check everything; bad input -> one-line error."""
     parser = get_parser()
     args = parser.parse_args(argv)
-    for key, value in RECIPES[task_kind(args.task)].items():
+    for key, value in RECIPES.get(args.task, RECIPES[task_kind(args.task)]).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.supervise_every is not None:
@@ -402,16 +408,19 @@ class Carry:
 
 @torch.no_grad()
 def evaluate(model, task, x, y, segments, n_steps=None, temperature=1.0, batch_size=256, device="cpu", amp=None,
-             ablate=None, with_routing=False):
-    """Run `segments` segments over (x, y) and score each one. Returns a list of metric dicts, one per segment,
-    averaged over all items: the task's metrics, the mean inner steps used and, for a routed model, head_min (the
-    share of tokens that keep the least kept head, lowest over the inner steps) and modal_max (the share of tokens
-    that keep the most common head set, highest over the inner steps). with_routing=True also returns the last
-    segment's routing per inner step, {"usage": (R, H), "modal_share": (R,)} as lists, or None when nothing is
-    routed. ablate: one of hrm_controller.ABLATIONS, to score the model with its routing replaced."""
+             ablate=None, per_item=False):
+    """Run `segments` segments over (x, y) and score each one. Returns a dict:
+      per_segment  one metric dict per segment, averaged over all items: the task's metrics, the mean inner steps
+                   used and, for a routed model, head_min (the share of tokens that keep the least kept head, lowest
+                   over the inner steps) and modal_max (the share that keep the most common head set, highest);
+      routing      the last segment's routing per inner step, {"usage": (R, H), "modal_share": (R,)} as lists,
+                   or None when nothing is routed;
+      items        with per_item=True: the last segment's metrics per item, a list per metric, in the order of x.
+    ablate: one of hrm_controller.ABLATIONS, to score the model with its routing replaced."""
     model.eval()
     totals = [dict() for _ in range(segments)]
     usage = modal = None
+    items = {}
     gen = torch.Generator().manual_seed(0)  # the ablations' random draws: the same on every call
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
@@ -420,25 +429,28 @@ def evaluate(model, task, x, y, segments, n_steps=None, temperature=1.0, batch_s
             with amp or nullcontext():
                 out = model(xb, state=state, temperature=temperature, grid=task.grid, n_steps=n_steps,
                             ablate=ablate, ablate_gen=gen)
-            state = out["state"]
-            scores = task.metrics(out["logits"], xb, yb)
-            parts = out["parts"]
+            state, parts, last = out["state"], out["parts"], s == segments - 1
+            per = task.metrics(out["logits"], xb, yb, per_item=True)
+            scores = {k: sum(v) / len(v) for k, v in per.items()}
             scores["steps_used"] = float(parts["steps_used"])
             if "usage" in parts:
                 scores["head_min"] = float(parts["usage"].min())
                 scores["modal_max"] = float(parts["modal_share"].max())
-                if s == segments - 1:  # the last segment's profile, weighted by batch size like the scores
+                if last:  # the last segment's profile, weighted by batch size like the scores
                     w = len(xb) / len(x)
                     usage = parts["usage"].cpu() * w + (usage if usage is not None else 0)
                     modal = parts["modal_share"].cpu() * w + (modal if modal is not None else 0)
+            if last and per_item:
+                for k, v in per.items():
+                    items.setdefault(k, []).extend(v)
             for k, v in scores.items():
                 totals[s][k] = totals[s].get(k, 0.0) + v * len(xb)
     model.train()
-    per_seg = [{k: v / len(x) for k, v in t.items()} for t in totals]
-    if not with_routing:
-        return per_seg
-    routing = None if usage is None else {"usage": usage.tolist(), "modal_share": modal.tolist()}
-    return per_seg, routing
+    result = {"per_segment": [{k: v / len(x) for k, v in t.items()} for t in totals],
+              "routing": None if usage is None else {"usage": usage.tolist(), "modal_share": modal.tolist()}}
+    if per_item:
+        result["items"] = items
+    return result
 
 
 def main(argv=None):
@@ -566,7 +578,7 @@ def run(args):
     select = "optimal" if task_kind(args.task) == "maze" else "tau"
     x_val, y_val = task.split("val")
     eval_kw = dict(segments=args.segments, n_steps=args.eval_steps, batch_size=args.eval_batch_size,
-                   device=device, amp=amp, with_routing=True)
+                   device=device, amp=amp)
     bar = tqdm(total=args.max_steps, initial=step, disable=not master or args.no_progress, dynamic_ncols=True)
     next_eval = (step // args.eval_interval + 1) * args.eval_interval
     t_last, n_last = time.time(), 0
@@ -618,7 +630,8 @@ def run(args):
                 if master:
                     t0 = time.time()
                     temp_now = train_temperature(vars(args), step)  # scored as it trains now
-                    per_seg, routing = evaluate(ema or raw_model, task, x_val, y_val, temperature=temp_now, **eval_kw)
+                    scored = evaluate(ema or raw_model, task, x_val, y_val, temperature=temp_now, **eval_kw)
+                    per_seg, routing = scored["per_segment"], scored["routing"]
                     final = per_seg[-1]
                     log({"step": step, "split": "val", **final, "per_segment": per_seg, "temperature": temp_now,
                          "routing": routing, "train_seconds": t0 - t_start - t_eval})
@@ -649,7 +662,8 @@ def run(args):
         best_model, best_ckpt = load_checkpoint(os.path.join(args.out_dir, "best.pt"), device)
         x_test, y_test = task.split("test")
         temp_best = checkpoint_temperature(best_ckpt)
-        per_seg, routing = evaluate(best_model, task, x_test, y_test, temperature=temp_best, **eval_kw)
+        scored = evaluate(best_model, task, x_test, y_test, temperature=temp_best, **eval_kw)
+        per_seg, routing = scored["per_segment"], scored["routing"]
         result = {"step": best_ckpt["step"], "temperature": temp_best, "n_test": len(x_test), **per_seg[-1],
                   "per_segment": per_seg, "routing": routing}
         if hasattr(task, "chance"):  # mazes: the same rollout on random scores, the level to clear
