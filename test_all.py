@@ -1570,3 +1570,29 @@ def test_a_users_own_mazes_are_encoded_and_scored_per_item_through_the_public_ap
     with pytest.raises(ValueError, match="no generator 'gen_nothing'"):
         data.generate_mazes(5, 2, 0, generator="gen_nothing")
     assert data.pool_file(5, 6, 7, "gen_dfs_percolation", {"p": 0.3}) != data.pool_file(5, 6, 7)
+
+
+def test_every_command_in_the_readme_names_flags_that_its_script_has(capsys):
+    import re
+    text = open(os.path.join(REPO, "README.md")).read()
+    tools = {"train.py": train, "evaluate.py": evaluate, "sample_maze.py": sample_maze, "ab.py": ab,
+             "bench.py": bench, "plots.py": plots}
+    helps = {}
+    for name, module in tools.items():
+        with pytest.raises(SystemExit):
+            module.main(["--help"])
+        helps[name] = capsys.readouterr().out
+    checked = 0
+    for line in text.splitlines():
+        for m in re.finditer(r"python (\w+\.py)([^`|#]*)", line):
+            script, rest = m.group(1), m.group(2)
+            if script not in tools:
+                continue
+            own, _, passed = rest.partition(" -- ")  # ab.py hands the flags after -- to train.py
+            for flag in re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", own):
+                assert re.search(rf"{flag}\b", helps[script]), f"README: {script} has no {flag}: {line.strip()}"
+                checked += 1
+            for flag in re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", passed):
+                assert re.search(rf"{flag}\b", helps["train.py"]), f"README: train.py has no {flag}: {line.strip()}"
+                checked += 1
+    assert checked > 20  # the README really was read

@@ -26,6 +26,7 @@ import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -462,31 +463,30 @@ def main(argv=None):
         raise SystemExit(f"error: could not read or write {exc.filename or args.out_dir}: {exc.strerror or exc}")
 
 
-def run(args):
-    # one device block: torchrun sets RANK; otherwise CUDA, then MPS, then CPU
-    ddp = "RANK" in os.environ
-    if ddp:
-        rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-        use_cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
-        if use_cuda:
-            torch.cuda.set_device(device)
-    else:
-        rank, world = 0, 1
+def setup_device(args):
+    """The one device block: torchrun sets RANK (gloo on CPU, nccl on CUDA); otherwise CUDA, then MPS, then CPU.
+    Returns (ddp, rank, world, device)."""
+    if "RANK" not in os.environ:
         try:
-            device = pick_device(args.device)
+            return False, 0, 1, pick_device(args.device)
         except ValueError as exc:
             raise SystemExit(f"error: {exc}") from None
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    use_cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    return True, rank, world, device
+
+
+def build(args, device, rank, world):
+    """Everything a run trains: the task, the model (raw, unwrapped), its optimizer, EMA copy, data-order generator
+    and carried batch, plus step, best validation score and seconds trained (from ckpt.pt with --resume).
+    Returns them as one namespace, r; bad flags or files end in SystemExit with one line."""
     master = rank == 0
-
-    def print0(*a, **kw):
-        if master:
-            print(*a, **kw, flush=True)
-
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     # every rank checks (rank 0 writes config.json only after all ranks have passed this point, in DDP's set-up)
     if not args.resume and os.path.exists(os.path.join(args.out_dir, "config.json")):
@@ -494,65 +494,167 @@ def run(args):
                          f"another --out-dir")
     if args.resume and not os.path.isfile(ckpt_path):
         raise SystemExit(f"error: --resume given but there is no checkpoint at {ckpt_path}")
-
     torch.manual_seed(args.seed)
     try:
         task = make_task(args.task, seed=args.data_seed, n_train=args.n_train, n_val=args.n_val,
                          n_test=args.n_test, cache_dir=args.data_dir, target=args.target,
                          augment=not args.no_augment, progress=master and not args.no_progress)
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    cfg = model_config(args, task)
-    try:
+        cfg = model_config(args, task)
         cfg.validate()
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
     model = PoHModel(cfg, verbose=master).to(device)
     optimizer = model.configure_optimizers(args.lr, args.weight_decay, lr_controller=args.lr_controller,
                                            verbose=master)
-    ema = copy.deepcopy(model).requires_grad_(False) if args.ema > 0 else None
     gen = torch.Generator().manual_seed(args.seed)  # the data order: every rank draws the same global batch
-    carry = Carry(args, task, gen, rank, world)
-    step, best, trained = 0, -float("inf"), 0.0  # trained: seconds of training so far, over every resume
+    r = SimpleNamespace(args=args, device=device, master=master, world=world, task=task, cfg=cfg, model=model,
+                        optimizer=optimizer, ema=copy.deepcopy(model).requires_grad_(False) if args.ema > 0 else None,
+                        gen=gen, carry=Carry(args, task, gen, rank, world), ckpt_path=ckpt_path,
+                        step=0, best=-float("inf"), trained=0.0)  # trained: seconds of training, over every resume
     if args.resume:
-        try:
-            _, ckpt = load_checkpoint(ckpt_path)
-        except (ValueError, FileNotFoundError) as exc:
-            raise SystemExit(f"error: {exc}") from None
-        if ckpt["model_args"] != asdict(cfg):
-            diff = {k: (v, asdict(cfg).get(k)) for k, v in ckpt["model_args"].items() if asdict(cfg).get(k) != v}
-            raise SystemExit(f"error: checkpoint model differs from the flags (saved, flags): {diff}")
-        missing = [k for k in ("optimizer", "step", "best_val", "data_rng", "torch_rng") if k not in ckpt]
-        if missing:  # e.g. best.pt copied over ckpt.pt: weights only
-            raise SystemExit(f"error: {ckpt_path} holds weights only (no {', '.join(missing)}); cannot resume")
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])  # fails if e.g. --lr-controller changed the groups
-            if ema is not None:
-                ema.load_state_dict(ckpt["ema"])  # fails if the run had no --ema
-            gen.set_state(ckpt["data_rng"])
-            torch.set_rng_state(ckpt["torch_rng"])
-        except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
-            raise SystemExit(f"error: cannot resume from {ckpt_path} with these flags ({one_line(exc)})") from None
-        step, best = ckpt["step"], ckpt["best_val"]
-        trained = ckpt.get("train_seconds", 0.0)  # absent from checkpoints of older versions: the clock restarts
-        carry.load_state_dict(ckpt.get("carry"), device)  # absent from older checkpoints: a fresh batch
-        print0(f"resumed from {ckpt_path} at step {step}")
-    raw_model = model  # saved and evaluated; the wrapped one trains
-    if args.compile:
-        model = torch.compile(model)
+        restore(r)
+    return r
+
+
+def restore(r):
+    """Load ckpt.pt into the run r built by build(): weights, optimizer, EMA, RNGs, step, clock, carried batch."""
+    try:
+        _, ckpt = load_checkpoint(r.ckpt_path)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    flags = asdict(r.cfg)
+    if ckpt["model_args"] != flags:
+        diff = {k: (v, flags.get(k)) for k, v in ckpt["model_args"].items() if flags.get(k) != v}
+        raise SystemExit(f"error: checkpoint model differs from the flags (saved, flags): {diff}")
+    missing = [k for k in ("optimizer", "step", "best_val", "data_rng", "torch_rng") if k not in ckpt]
+    if missing:  # e.g. best.pt copied over ckpt.pt: weights only
+        raise SystemExit(f"error: {r.ckpt_path} holds weights only (no {', '.join(missing)}); cannot resume")
+    try:
+        r.model.load_state_dict(ckpt["model"])
+        r.optimizer.load_state_dict(ckpt["optimizer"])  # fails if e.g. --lr-controller changed the groups
+        if r.ema is not None:
+            r.ema.load_state_dict(ckpt["ema"])  # fails if the run had no --ema
+        r.gen.set_state(ckpt["data_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+    except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise SystemExit(f"error: cannot resume from {r.ckpt_path} with these flags ({one_line(exc)})") from None
+    r.step, r.best = ckpt["step"], ckpt["best_val"]
+    r.trained = ckpt.get("train_seconds", 0.0)  # absent from checkpoints of older versions: the clock restarts
+    r.carry.load_state_dict(ckpt.get("carry"), r.device)  # absent from older checkpoints: a fresh batch
+    if r.master:
+        print(f"resumed from {r.ckpt_path} at step {r.step}", flush=True)
+
+
+class Clock:
+    """The training clock: wall time less the time spent evaluating. A resumed run's clock goes on from its
+    checkpoint, so train_seconds and --time-budget count the whole run."""
+
+    def __init__(self, trained=0.0):
+        self.start, self.evaluating = time.time() - trained, 0.0
+
+    def seconds(self):
+        return time.time() - self.start - self.evaluating
+
+
+def save_checkpoint(r, clock):
+    """ckpt.pt: everything --resume needs, written atomically."""
+    save_atomic({"model": r.model.state_dict(), "optimizer": r.optimizer.state_dict(), "model_args": asdict(r.cfg),
+                 "ema": r.ema.state_dict() if r.ema is not None else None, "step": r.step, "best_val": r.best,
+                 "train_seconds": clock.seconds(), "carry": r.carry.state_dict(), "data_rng": r.gen.get_state(),
+                 "torch_rng": torch.get_rng_state(), "config": vars(r.args)}, r.ckpt_path)
+
+
+def train_step(r, model, x, y, state, amp, any_rank):
+    """One optimizer step on the batch (x, y) with its carried state: forward, backward, clip, a NaN check, then
+    the update, EMA, step counter and carried batch, all four under sigint_deferred. Returns (out, temperature)."""
+    args, frac = r.args, r.step / r.args.max_steps
+    for group in r.optimizer.param_groups:
+        group["lr"] = group["base_lr"] * lr_at(r.step, args)
+    temperature = temperature_at(frac, args.temp_start, args.temp_end, args.temp_floor)
+    ew = anneal(args.entropy_weight, 0.0, frac) if args.entropy_anneal else args.entropy_weight
+    with amp or nullcontext():
+        out = model(x, y, state=state, temperature=temperature, entropy_weight=ew,
+                    balance_weight=args.balance_weight, grid=r.task.grid)
+    loss = out["loss"]
+    r.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    # --grad-clip 0 still measures the norm (max_norm inf scales the gradients by exactly 1)
+    norm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+    # a NaN or inf must stop the run before it reaches the weights and, through them, ckpt.pt
+    if any_rank(not (torch.isfinite(loss) and torch.isfinite(norm))):
+        raise FloatingPointError(f"non-finite loss or gradient at step {r.step} "
+                                 f"(loss {loss.item():.4g}, gradient norm {norm.item():.4g})")
+    with sigint_deferred():
+        r.optimizer.step()
+        if r.ema is not None:
+            with torch.no_grad():
+                for pe, pm in zip(r.ema.parameters(), r.model.parameters()):
+                    pe.lerp_(pm, 1 - args.ema)
+        r.step += 1
+        r.carry.advance(out["state"])
+    return out, temperature
+
+
+def validate(r, clock, log, eval_kw):
+    """Score the validation set at the temperature the run trains at now, log it with its routing, and save
+    best.pt when the selection metric improves. Returns the final segment's metrics."""
+    t0, trained = time.time(), clock.seconds()
+    temperature = train_temperature(vars(r.args), r.step)
+    scored = evaluate(r.ema or r.model, r.task, *r.task.split("val"), temperature=temperature, **eval_kw)
+    final = scored["per_segment"][-1]
+    log({"step": r.step, "split": "val", **final, "per_segment": scored["per_segment"], "temperature": temperature,
+         "routing": scored["routing"], "train_seconds": trained})
+    select = "optimal" if task_kind(r.args.task) == "maze" else "tau"
+    if final[select] > r.best:  # best moves only once best.pt is written, so the two agree
+        save_atomic({"model": (r.ema or r.model).state_dict(), "model_args": asdict(r.cfg), "step": r.step,
+                     "best_val": final[select], "temperature": temperature, "config": vars(r.args)},
+                    os.path.join(r.args.out_dir, "best.pt"))
+        r.best = final[select]
+    clock.evaluating += time.time() - t0
+    return final
+
+
+def test_best(r, log, eval_kw):
+    """Score best.pt once on the test set, at the temperature it trained at; write test.json and curves.png."""
+    best_model, best_ckpt = load_checkpoint(os.path.join(r.args.out_dir, "best.pt"), r.device)
+    x_test, y_test = r.task.split("test")
+    temperature = checkpoint_temperature(best_ckpt)
+    scored = evaluate(best_model, r.task, x_test, y_test, temperature=temperature, **eval_kw)
+    final = scored["per_segment"][-1]
+    result = {"step": best_ckpt["step"], "temperature": temperature, "n_test": len(x_test), **final,
+              "per_segment": scored["per_segment"], "routing": scored["routing"]}
+    if hasattr(r.task, "chance"):  # mazes: the same rollout on random scores, the level to clear
+        result["chance"] = r.task.chance(x_test, y_test)
+    with open(os.path.join(r.args.out_dir, "test.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    log({"step": r.step, "split": "test", **final})
+    print(f"test ({len(x_test)} items, best val checkpoint of step {best_ckpt['step']}, temperature "
+          f"{temperature:.3f}): " + " ".join(f"{k} {v:.4f}" for k, v in final.items()), flush=True)
+    if "chance" in result:
+        print("chance (random scores, same rollout): " + " ".join(f"{k} {v:.4f}" for k, v in result["chance"].items()))
+    try:
+        import plots  # here, so importing train.py stays light
+        plots.plot_run(r.args.out_dir)
+    except Exception as exc:  # a plotting failure must never lose a finished run
+        print(f"could not plot the curves: {exc}")
+    return result
+
+
+def run(args):
+    ddp, rank, world, device = setup_device(args)
+    r = build(args, device, rank, world)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    model = torch.compile(r.model) if args.compile else r.model  # r.model stays raw: saved and evaluated
     if ddp:
         unused = args.controller == "hrm" and args.grad == "tbptt" and args.grad_steps < args.T
         model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused)
-
-    if master:
+    if r.master:
         os.makedirs(args.out_dir, exist_ok=True)
         with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-            json.dump({**vars(args), "model": asdict(cfg), "world_size": world, "device": str(device)}, f, indent=2)
-    log_path = os.path.join(args.out_dir, "metrics.jsonl")
-    if master and args.resume:
-        trim_log(log_path, step)
-    log_file = open(log_path, "a") if master else None
+            json.dump({**vars(args), "model": asdict(r.cfg), "world_size": world, "device": str(device)}, f, indent=2)
+        if args.resume:
+            trim_log(os.path.join(args.out_dir, "metrics.jsonl"), r.step)
+    log_file = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if r.master else None
 
     def log(record):
         if log_file:
@@ -568,119 +670,47 @@ def run(args):
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
-    def checkpoint():
-        save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": asdict(cfg),
-                     "ema": ema.state_dict() if ema is not None else None, "step": step, "best_val": best,
-                     "train_seconds": time.time() - t_start - t_eval,
-                     "carry": carry.state_dict(),
-                     "data_rng": gen.get_state(), "torch_rng": torch.get_rng_state(), "config": vars(args)}, ckpt_path)
-
-    select = "optimal" if task_kind(args.task) == "maze" else "tau"
-    x_val, y_val = task.split("val")
     eval_kw = dict(segments=args.segments, n_steps=args.eval_steps, batch_size=args.eval_batch_size,
                    device=device, amp=amp)
-    bar = tqdm(total=args.max_steps, initial=step, disable=not master or args.no_progress, dynamic_ncols=True)
-    next_eval = (step // args.eval_interval + 1) * args.eval_interval
+    bar = tqdm(total=args.max_steps, initial=r.step, disable=not r.master or args.no_progress, dynamic_ncols=True)
+    next_eval = (r.step // args.eval_interval + 1) * args.eval_interval
+    clock, out_of_time = Clock(r.trained), False
     t_last, n_last = time.time(), 0
-    # the training clock: wall time since t_start, less t_eval (time spent evaluating); a resumed run's clock goes on
-    # from its checkpoint, so train_seconds and --time-budget count the whole run
-    t_start, t_eval, out_of_time = time.time() - trained, 0.0, False
     try:
-        while step < args.max_steps and not out_of_time:
-            x, y, state = carry.next(raw_model, step, device)
-            frac = step / args.max_steps
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_at(step, args)
-            temperature = temperature_at(frac, args.temp_start, args.temp_end, args.temp_floor)
-            ew = anneal(args.entropy_weight, 0.0, frac) if args.entropy_anneal else args.entropy_weight
-            with amp or nullcontext():
-                out = model(x, y, state=state, temperature=temperature, entropy_weight=ew,
-                            balance_weight=args.balance_weight, grid=task.grid)
-            loss = out["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            # --grad-clip 0 still measures the norm (max_norm inf scales the gradients by exactly 1)
-            max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
-            # a NaN or inf must stop the run before it reaches the weights and, through them, ckpt.pt
-            if any_rank(not (torch.isfinite(loss) and torch.isfinite(norm))):
-                raise FloatingPointError(f"non-finite loss or gradient at step {step} "
-                                         f"(loss {loss.item():.4g}, gradient norm {norm.item():.4g})")
-            with sigint_deferred():
-                optimizer.step()
-                if ema is not None:
-                    with torch.no_grad():
-                        for pe, pm in zip(ema.parameters(), raw_model.parameters()):
-                            pe.lerp_(pm, 1 - args.ema)
-                step += 1
-                carry.advance(out["state"])
+        while r.step < args.max_steps and not out_of_time:
+            x, y, state = r.carry.next(r.model, r.step, device)  # draw: the batch in flight, new samples in it
+            out, temperature = train_step(r, model, x, y, state, amp, any_rank)  # step
             n_last += len(x) * world
             bar.update(1)
-            if step % args.segments and step < args.max_steps:
+            if r.step % args.segments and r.step < args.max_steps:
                 continue  # the log, the time check and evaluation come once every --segments steps
             parts = {k: float(v.detach()) for k, v in out["parts"].items() if k != "halt_p"}
-            rate = n_last / max(time.time() - t_last, 1e-9)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}",
-                            ent=f"{parts['entropy']:.3f}", sps=f"{rate:.0f}")
-            log({"step": step, "split": "train", "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
-                 "temperature": temperature, "samples_per_s": rate, **parts})
-            out_of_time = any_rank(args.time_budget > 0 and time.time() - t_start - t_eval > args.time_budget)
-            if step >= next_eval or step >= args.max_steps or out_of_time:
-                next_eval = (step // args.eval_interval + 1) * args.eval_interval
-                if master:
-                    t0 = time.time()
-                    temp_now = train_temperature(vars(args), step)  # scored as it trains now
-                    scored = evaluate(ema or raw_model, task, x_val, y_val, temperature=temp_now, **eval_kw)
-                    per_seg, routing = scored["per_segment"], scored["routing"]
-                    final = per_seg[-1]
-                    log({"step": step, "split": "val", **final, "per_segment": per_seg, "temperature": temp_now,
-                         "routing": routing, "train_seconds": t0 - t_start - t_eval})
-                    bar.write(f"step {step}: val " + " ".join(f"{k} {v:.4f}" for k, v in final.items()))
-                    if final[select] > best:  # best moves only once best.pt is written, so the two agree
-                        save_atomic({"model": (ema or raw_model).state_dict(), "model_args": asdict(cfg),
-                                     "step": step, "best_val": final[select], "temperature": temp_now,
-                                     "config": vars(args)}, os.path.join(args.out_dir, "best.pt"))
-                        best = final[select]
-                    t_eval += time.time() - t0
-                    checkpoint()
+            rate, lr = n_last / max(time.time() - t_last, 1e-9), r.optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{out['loss'].item():.3f}", lr=f"{lr:.1e}", ent=f"{parts['entropy']:.3f}",
+                            sps=f"{rate:.0f}")  # log
+            log({"step": r.step, "split": "train", "loss": out["loss"].item(), "lr": lr, "temperature": temperature,
+                 "samples_per_s": rate, **parts})
+            out_of_time = any_rank(args.time_budget > 0 and clock.seconds() > args.time_budget)
+            if r.step >= next_eval or r.step >= args.max_steps or out_of_time:  # evaluate and save
+                next_eval = (r.step // args.eval_interval + 1) * args.eval_interval
+                if r.master:
+                    final = validate(r, clock, log, eval_kw)
+                    bar.write(f"step {r.step}: val " + " ".join(f"{k} {v:.4f}" for k, v in final.items()))
+                    save_checkpoint(r, clock)
                 t_last, n_last = time.time(), 0  # samples/s counts training only, from here to the next evaluation
     except KeyboardInterrupt:
         # a Ctrl-C saves the step it stopped after, with the batch in flight, so --resume goes on inside that batch
         # (under DDP only rank 0's slots could be saved: a resume there starts a fresh batch)
-        if master:
-            checkpoint()
-            print0(f"\ninterrupted: saved {ckpt_path} at step {step}; continue with --resume")
+        if r.master:
+            save_checkpoint(r, clock)
+            print(f"\ninterrupted: saved {r.ckpt_path} at step {r.step}; continue with --resume", flush=True)
         raise SystemExit(130)
     except FloatingPointError as exc:
-        kept = f"the last good checkpoint is {ckpt_path}" if os.path.isfile(ckpt_path) else "no checkpoint was saved"
+        kept = f"the last good checkpoint is {r.ckpt_path}" if os.path.isfile(r.ckpt_path) else "no checkpoint was saved"
         raise SystemExit(f"error: {exc}; {kept}") from None
     finally:
         bar.close()
-
-    result = {}
-    if master:
-        best_model, best_ckpt = load_checkpoint(os.path.join(args.out_dir, "best.pt"), device)
-        x_test, y_test = task.split("test")
-        temp_best = checkpoint_temperature(best_ckpt)
-        scored = evaluate(best_model, task, x_test, y_test, temperature=temp_best, **eval_kw)
-        per_seg, routing = scored["per_segment"], scored["routing"]
-        result = {"step": best_ckpt["step"], "temperature": temp_best, "n_test": len(x_test), **per_seg[-1],
-                  "per_segment": per_seg, "routing": routing}
-        if hasattr(task, "chance"):  # mazes: the same rollout on random scores, the level to clear
-            result["chance"] = task.chance(x_test, y_test)
-        with open(os.path.join(args.out_dir, "test.json"), "w") as f:
-            json.dump(result, f, indent=2)
-        log({"step": step, "split": "test", **per_seg[-1]})
-        print0(f"test ({len(x_test)} items, best val checkpoint of step {best_ckpt['step']}, temperature "
-               f"{temp_best:.3f}): " + " ".join(f"{k} {v:.4f}" for k, v in per_seg[-1].items()))
-        if "chance" in result:
-            print0("chance (random scores, same rollout): "
-                   + " ".join(f"{k} {v:.4f}" for k, v in result["chance"].items()))
-        try:
-            import plots  # here, so importing train.py stays light
-            plots.plot_run(args.out_dir)
-        except Exception as exc:  # a plotting failure must never lose a finished run
-            print0(f"could not plot the curves: {exc}")
+    result = test_best(r, log, eval_kw) if r.master else {}
     if log_file:
         log_file.close()
     if ddp:
