@@ -6,18 +6,67 @@ with more inner steps and segments (size generalisation), or an old run under ne
     python evaluate.py runs/maze12-hrm-s0 --task maze16 --segments 12       # larger mazes, more refinement
     python evaluate.py runs/maze12-hrm-s0 --task maze24 --inner-steps 16 --segments 12 --out gen24.json
     python evaluate.py runs/maze12-hrm-s0 --ablate-routing shuffle          # does the per-token routing matter?
+    python evaluate.py runs/maze12-hrm-s0 --task maze24 --segments auto     # as many segments as each maze needs
 
 Defaults: the checkpoint's task, inner steps, segments and training temperature, and the test split of its data
 seed (the same items train.py's test.json was measured on; other maze sizes get their own cached pools from the
 same seeds). Prints the metrics of every segment and writes them as JSON with --out. The model never trains here.
+
+--segments auto: each item runs segments until its decoded answer (the argmax class of every token) has stayed the
+same for PATIENCE segments, up to a cap that grows with the grid (segment_cap); the answer is taken where the item
+stopped, and the segments used are reported (mean, max, per item in the JSON).
 """
 
 import argparse
 import json
+import math
+
+import torch
 
 import data
 import train
 from hrm_controller import ABLATIONS
+
+PATIENCE = 3  # segments an item's answer must stay unchanged before it stops (--segments auto)
+
+
+def segment_cap(grid, n_layers, n_steps):
+    """The most segments --segments auto runs: information moves about one cell per block application, so twice
+    the cells over the block applications of a segment (at least 8) lets it cross any path of the grid twice."""
+    return max(8, math.ceil(2 * grid[0] * grid[1] / (n_layers * n_steps)))
+
+
+@torch.no_grad()
+def run_adaptive(model, task, x, n_steps, temperature, cap, patience=PATIENCE, batch_size=128, device="cpu",
+                 ablate=None):
+    """Segments until each item's answer has not changed for `patience` segments, or `cap`. Returns the logits of
+    each item's answer where it stopped (B, N, C) on the CPU and the segments each used (B,)."""
+    model.eval()
+    answers, used_all = [], []
+    gen = torch.Generator().manual_seed(0)  # the ablations' random draws, as in train.evaluate
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size].to(device)
+        B = len(xb)
+        state, previous, final = None, None, None
+        calm = torch.zeros(B, dtype=torch.long)  # segments in a row with an unchanged answer
+        used, done = torch.full((B,), cap), torch.zeros(B, dtype=torch.bool)
+        for s in range(cap):
+            out = model(xb, state=state, temperature=temperature, grid=task.grid, n_steps=n_steps, ablate=ablate,
+                        ablate_gen=gen)
+            state, logits = out["state"], out["logits"].float().cpu()
+            final = logits.clone() if final is None else torch.where(done[:, None, None], final, logits)
+            answer = logits.argmax(-1)  # (B, N)
+            if previous is not None:
+                calm = torch.where((answer == previous).all(1), calm + 1, torch.zeros_like(calm))
+            previous = answer
+            stop = ~done & (calm >= patience)
+            used[stop], done = s + 1, done | stop
+            if done.all():  # the batch runs on together; it ends when every item has stopped
+                break
+        answers.append(final)
+        used_all.append(used)
+    model.train()
+    return torch.cat(answers), torch.cat(used_all)
 
 
 def get_parser():
@@ -26,7 +75,8 @@ def get_parser():
     p.add_argument("checkpoint", help="a checkpoint file, or a run folder (its best.pt)")
     p.add_argument("--task", default=None, help="task to score on (default: the checkpoint's)")
     p.add_argument("--inner-steps", type=int, default=None, help="inner steps per segment (default: the model's R)")
-    p.add_argument("--segments", type=int, default=None, help="segments with carried state (default: the run's)")
+    p.add_argument("--segments", default=None, help="segments with carried state (default: the run's), or auto: "
+                   "until each item's answer is stable, up to a cap that grows with the grid")
     p.add_argument("--n-test", type=int, default=1000, help="test items")
     p.add_argument("--data-dir", default=None, help="where generated maze sets are cached (default: the run's)")
     p.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
@@ -41,7 +91,9 @@ def get_parser():
 def score(path, task_name=None, inner_steps=None, segments=None, n_test=1000, data_dir=None,
           batch_size=128, device="cpu", ablate=None):
     """Returns {"task", "inner_steps", "segments", "temperature", "ablate", "n_test", **final segment metrics,
-    "per_segment": [...], "routing": last segment's per-step head usage or None, "chance": {...}}."""
+    "per_segment": [...], "routing": last segment's per-step head usage or None, "chance": {...}}; with
+    segments="auto" also "segments_used" (mean), "segments_max", "segment_cap" and "segments_per_item", and
+    per_segment holds the one set of metrics of the answers where each item stopped."""
     path = train.checkpoint_file(path)
     model, ckpt = train.load_checkpoint(path, device)
     config = ckpt.get("config") or {}
@@ -67,20 +119,33 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=1000, da
         raise ValueError(f"{path} has no router (controller {model.cfg.controller}); nothing to ablate")
     temperature = train.checkpoint_temperature(ckpt)  # the temperature it trained at when it was saved
     x, y = task.split("test")
-    scored = train.evaluate(model, task, x, y, segments, n_steps=inner_steps, temperature=temperature,
-                            batch_size=batch_size, device=device, ablate=ablate)
-    per_seg, routing = scored["per_segment"], scored["routing"]
+    extra = {}
+    if segments == "auto":
+        cap = segment_cap(task.grid, model.cfg.n_layers, inner_steps)
+        logits, used = run_adaptive(model, task, x, inner_steps, temperature, cap, batch_size=batch_size,
+                                    device=device, ablate=ablate)
+        per_seg, routing = [task.metrics(logits, x, y)], None
+        extra = {"segments_used": used.float().mean().item(), "segments_max": int(used.max()), "segment_cap": cap,
+                 "segments_per_item": used.tolist()}
+    else:
+        scored = train.evaluate(model, task, x, y, segments, n_steps=inner_steps, temperature=temperature,
+                                batch_size=batch_size, device=device, ablate=ablate)
+        per_seg, routing = scored["per_segment"], scored["routing"]
     # the yardstick printed beside the scores: random scores through the same decoder (mazes), or the simple
     # reference that puts hidden values at 0 (sorting, about the best possible tau with half hidden)
     chance = task.chance(x, y) if hasattr(task, "chance") else task.reference_metrics(x, y, fill="zero")
     return {"checkpoint": path, "step": ckpt.get("step"), "task": task_name, "inner_steps": inner_steps,
             "segments": segments, "temperature": temperature, "ablate": ablate, "n_test": len(x), **per_seg[-1],
-            "per_segment": per_seg, "routing": routing, "chance": chance}
+            "per_segment": per_seg, "routing": routing, "chance": chance, **extra}
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    for flag, value in (("--inner-steps", args.inner_steps), ("--segments", args.segments), ("--n-test", args.n_test)):
+    if args.segments is not None and args.segments != "auto":
+        if not args.segments.isdigit() or int(args.segments) < 1:
+            raise SystemExit(f"error: --segments must be >= 1 or auto, got {args.segments}")
+        args.segments = int(args.segments)
+    for flag, value in (("--inner-steps", args.inner_steps), ("--n-test", args.n_test)):
         if value is not None and value < 1:
             raise SystemExit(f"error: {flag} must be >= 1, got {value}")
     try:
@@ -91,7 +156,11 @@ def main(argv=None):
     print(f"{result['checkpoint']} (step {result['step']}) on {result['task']}: {result['n_test']} test items, "
           f"{result['segments']} segments x {result['inner_steps']} inner steps, temperature "
           f"{result['temperature']:.3f}" + (f", routing ablated: {args.ablate_routing}" if args.ablate_routing else ""))
-    for s, seg in enumerate(result["per_segment"]):
+    if result["segments"] == "auto":
+        print(f"  segments used: mean {result['segments_used']:.2f}, max {result['segments_max']} "
+              f"(cap {result['segment_cap']}, an item stops when its answer is unchanged for {PATIENCE} segments)")
+        print("  answers: " + " ".join(f"{k} {v:.4f}" for k, v in result["per_segment"][0].items()))
+    for s, seg in enumerate(result["per_segment"] if result["segments"] != "auto" else []):
         print(f"  segment {s + 1}: " + " ".join(f"{k} {v:.4f}" for k, v in seg.items()))
     if result["routing"]:  # share of tokens keeping each head, and the most common head set's share
         print("  routing in the last segment (step: tokens keeping each head | most common set):")

@@ -1596,3 +1596,32 @@ def test_every_command_in_the_readme_names_flags_that_its_script_has(capsys):
                 assert re.search(rf"{flag}\b", helps["train.py"]), f"README: train.py has no {flag}: {line.strip()}"
                 checked += 1
     assert checked > 20  # the README really was read
+
+
+class StableOrRestless(nn.Module):
+    """A stand-in model for --segments auto: item 0's answer never changes, item 1's changes every segment (its
+    argmax class is the segment count, carried in the state)."""
+
+    def forward(self, x, state=None, **kw):
+        count = 0 if state is None else int(state["count"][0]) + 1
+        logits = torch.zeros(2, x.shape[1], 5)
+        logits[0, :, 1] = 1.0  # always class 1
+        logits[1, :, count % 5] = 1.0  # class 0, 1, 2, ... in turn
+        return {"logits": logits, "state": {"count": torch.full((2,), count)}}
+
+
+def test_segments_auto_stops_a_stable_answer_and_runs_a_changing_one_to_the_cap(maze_run, capsys):
+    task = type("T", (), {"grid": (3, 3)})
+    logits, used = evaluate.run_adaptive(StableOrRestless(), task, torch.zeros(2, 9, dtype=torch.long), n_steps=1,
+                                         temperature=1.0, cap=10, patience=2)
+    # item 0: the same answer at segments 1, 2, 3, i.e. unchanged for 2 segments -> stops after 3
+    assert used.tolist() == [3, 10]
+    assert (logits[0].argmax(-1) == 1).all() and (logits[1].argmax(-1) == 9 % 5).all()  # answers where they stopped
+    assert evaluate.segment_cap((12, 12), 2, 8) == 18 and evaluate.segment_cap((3, 3), 2, 8) == 8
+    # through the command line, on a real (tiny) run: segments used are reported and within the cap
+    result = evaluate.main([str(maze_run), "--segments", "auto", "--n-test", "12"])
+    assert result["segments"] == "auto" and 1 <= result["segments_used"] <= result["segments_max"] <= result["segment_cap"]
+    assert len(result["segments_per_item"]) == result["n_test"] and 0 <= result["optimal"] <= 1
+    assert "segments used: mean" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--segments must be >= 1 or auto"):
+        evaluate.main([str(maze_run), "--segments", "many"])
