@@ -56,7 +56,8 @@ def kept_heads(alpha):
 def balance_loss(alpha, p):
     """Load balancing in the Switch-Transformer form, H * sum_h f_h * P_h: f_h the share of routed slots that go
     to head h (from the discrete top-k choice, no gradient), P_h the mean router probability of h (the gradient
-    path). It is 1 when heads are used evenly and up to H when every token keeps the same heads, so a positive
+    path). It is 1 when heads are used and preferred evenly and up to H/k when every token keeps the same k heads
+    and the router puts all its probability on them, so a positive
     weight pushes probability away from the heads that are already over-used: the counterweight to top-k's
     rich-get-richer dynamic, where dropped heads get no gradient and fall further behind."""
     H = p.shape[-1]

@@ -198,7 +198,9 @@ def pick_device(name="auto"):
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"unknown device {name!r}; this machine has: {', '.join(found)}") from None
-    if str(device) not in found:
+    here = {"cpu": True, "cuda": str(device) in found or device.index is None and "cuda" in found,
+            "mps": "mps" in found and device.index in (None, 0)}
+    if not here.get(device.type, False):
         raise ValueError(f"device {name!r} is not available on this machine; it has: {', '.join(found)}")
     return device
 
@@ -250,12 +252,11 @@ def train_temperature(config, step):
 
 
 def checkpoint_temperature(ckpt):
-    """The temperature to evaluate a saved checkpoint at: the one it records (best.pt and ckpt.pt do), else, for
-    checkpoints of older versions, the temperature of its step."""
+    """The temperature to evaluate a saved checkpoint at: the one it records (best.pt does), else the end of the
+    anneal, the temperature runs of older versions were validated and tested at (so their test.json reproduces)."""
     if ckpt.get("temperature") is not None:
         return ckpt["temperature"]
-    return train_temperature(ckpt.get("config") or {"temp_start": 2.0, "temp_end": 1.0, "temp_floor": 0.0},
-                             ckpt.get("step"))
+    return train_temperature(ckpt.get("config") or {"temp_start": 2.0, "temp_end": 1.0, "temp_floor": 0.0}, None)
 
 
 def load_checkpoint(path, device="cpu"):
@@ -413,7 +414,8 @@ def evaluate(model, task, x, y, segments, n_steps=None, temperature=1.0, batch_s
     """Run `segments` segments over (x, y) and score each one. Returns a dict:
       per_segment  one metric dict per segment, averaged over all items: the task's metrics, the mean inner steps
                    used and, for a routed model, head_min (the share of tokens that keep the least kept head, lowest
-                   over the inner steps) and modal_max (the share that keep the most common head set, highest);
+                   over the inner steps) and modal_max (the share that keep the most common head set, highest),
+                   both taken per batch and averaged over the batches;
       routing      the last segment's routing per inner step, {"usage": (R, H), "modal_share": (R,)} as lists,
                    or None when nothing is routed;
       items        with per_item=True: the last segment's metrics per item, a list per metric, in the order of x.
@@ -523,8 +525,9 @@ def restore(r):
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None
     flags = asdict(r.cfg)
-    if ckpt["model_args"] != flags:
-        diff = {k: (v, flags.get(k)) for k, v in ckpt["model_args"].items() if flags.get(k) != v}
+    saved = {**asdict(ModelConfig()), **ckpt["model_args"]}  # a field newer than the checkpoint takes its default
+    if saved != flags:
+        diff = {k: (v, flags.get(k)) for k, v in saved.items() if flags.get(k) != v}
         raise SystemExit(f"error: checkpoint model differs from the flags (saved, flags): {diff}")
     missing = [k for k in ("optimizer", "step", "best_val", "data_rng", "torch_rng") if k not in ckpt]
     if missing:  # e.g. best.pt copied over ckpt.pt: weights only
@@ -690,7 +693,8 @@ def run(args):
                             sps=f"{rate:.0f}")  # log
             log({"step": r.step, "split": "train", "loss": out["loss"].item(), "lr": lr, "temperature": temperature,
                  "samples_per_s": rate, **parts})
-            out_of_time = any_rank(args.time_budget > 0 and clock.seconds() > args.time_budget)
+            # rank 0's clock decides: only it leaves out the evaluation time (the others wait through it)
+            out_of_time = any_rank(r.master and args.time_budget > 0 and clock.seconds() > args.time_budget)
             if r.step >= next_eval or r.step >= args.max_steps or out_of_time:  # evaluate and save
                 next_eval = (r.step // args.eval_interval + 1) * args.eval_interval
                 if r.master:
