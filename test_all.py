@@ -7,6 +7,7 @@ a naive re-computation), so it fails when the code it covers breaks.
 
 import csv
 import errno
+import itertools
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import ab
 import bench
 import data
 import evaluate
+import parsing
 import plots
 import sample_maze
 import stats
@@ -1644,3 +1646,68 @@ def test_checkpoints_of_older_versions_resume_and_are_scored_at_the_end_of_the_a
     assert train.checkpoint_temperature(torch.load(run / "best.pt", weights_only=True)) == 1.0
     result = train.main(with_flags(args, max_steps=4) + ["--resume"])
     assert result["step"] in (2, 4) and torch.load(run / "ckpt.pt", weights_only=True)["step"] == 4
+
+
+# ---- parsing (UD English EWT): the reader, the tree decoder, attachment scores
+UD_SAMPLE = os.path.join(REPO, "samples", "en_ewt-ud-dev-sample.conllu")
+
+
+def test_conllu_reader_keeps_the_integer_id_words_and_skips_comments_multiword_ranges_and_empty_nodes():
+    sentences, skipped = parsing.read_conllu(UD_SAMPLE)
+    lines = open(UD_SAMPLE, encoding="utf-8").read().splitlines()
+    word_lines = [line for line in lines if line and line.split("\t")[0].isdigit()]
+    assert len(sentences) == 41 and sum(len(s.words) for s in sentences) == len(word_lines)
+    assert skipped["multiword"] == sum(1 for line in lines if "-" in line.split("\t")[0] and "\t" in line) == 17
+    assert skipped["empty"] == 1 and skipped["comment"] == sum(line.startswith("#") for line in lines)
+    first = sentences[0]  # "From the AP comes this story :"
+    assert first.words[:4] == ["From", "the", "AP", "comes"] and first.heads[:4] == [3, 3, 4, 0]
+    assert first.upos[3] == "VERB" and first.deprels[2] == "obl"
+    for s in sentences:  # heads in range, one root word, and the gold trees are trees
+        assert all(0 <= h <= len(s.words) for h in s.heads) and parsing.is_tree(s.heads)
+        assert all(":" not in label for label in s.labels()) and len(s.labels()) == len(s.words)
+    subtyped = [(d, u) for s in sentences for d, u in zip(s.deprels, s.labels()) if ":" in d]
+    assert subtyped and all(u == d.split(":")[0] for d, u in subtyped)  # obl:tmod -> obl, subtypes kept too
+    with pytest.raises(ValueError, match="not 10"):
+        parsing.read_conllu(["1\tword\t_"])
+
+
+def brute_force_best_tree(scores):
+    n = len(scores) - 1
+    best = -np.inf
+    for heads in itertools.product(range(n + 1), repeat=n):
+        if all(h != d for d, h in enumerate(heads, 1)) and parsing.is_tree(heads):
+            best = max(best, parsing.tree_score(scores, [-1, *heads]))
+    return best
+
+
+def test_tree_decoder_returns_the_best_single_root_tree_for_random_scores():
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        n = int(rng.integers(1, 6))
+        scores = rng.normal(size=(n + 1, n + 1))
+        heads = parsing.decode_tree(scores)
+        assert len(heads) == n and parsing.is_tree(heads)
+        # exhaustive search over every head assignment: the decoder's tree scores as high as the best one
+        assert parsing.tree_score(scores, [-1, *heads]) == pytest.approx(brute_force_best_tree(scores))
+    for n in (20, 60):  # larger sentences: still a tree
+        assert parsing.is_tree(parsing.decode_tree(rng.normal(size=(n + 1, n + 1))))
+
+
+def test_tree_decoder_recovers_the_gold_tree_from_scores_that_favour_it():
+    sentences, _ = parsing.read_conllu(UD_SAMPLE)
+    rng = np.random.default_rng(1)
+    for s in sentences[:10]:
+        n = len(s.words)
+        scores = rng.normal(size=(n + 1, n + 1))
+        scores[np.arange(1, n + 1), s.heads] += 10.0  # the gold arcs stand out
+        assert parsing.decode_tree(scores) == s.heads
+
+
+def test_attachment_scores_on_hand_made_cases():
+    gold_h, gold_l = [[2, 0, 2], [0]], [["det", "root", "punct"], ["root"]]
+    assert parsing.attachment_scores(gold_h, gold_l, gold_h, gold_l) == {"uas": 1.0, "las": 1.0}
+    # one wrong head (word 3), one right head with the wrong label (word 1): 3 of 4 heads, 2 of 4 with labels
+    got = parsing.attachment_scores([[2, 0, 1], [0]], [["nsubj", "root", "punct"], ["root"]], gold_h, gold_l)
+    assert got == {"uas": 0.75, "las": 0.5}
+    with pytest.raises(ValueError, match="one head and one label per word"):
+        parsing.attachment_scores([1], ["x"], [1, 2], ["x", "y"])
