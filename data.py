@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-TASK_NAMES = ("maze8", "maze12", "maze16", "maze24", "sort12", "sort12-visible", "sort16", "sort20", "sort24")
+TASK_NAMES = ("maze8", "maze12", "maze16", "maze24", "sort12", "sort12-visible", "sort16", "sort20", "sort24",
+              "ud_ewt")
 MOVES = ((-1, 0), (0, 1), (1, 0), (0, -1))  # N, E, S, W as (dr, dc): row grows southward, column eastward
 GOAL_CLASS = 4  # direction target: the goal cell has no move
 IGNORE = -100  # cross-entropy ignore index, for cells the goal cannot reach
@@ -508,8 +509,12 @@ class SortTask:
 
 
 def make_task(name, *, seed=0, n_train=None, n_val=None, n_test=None, cache_dir="data_cache",
-              target="direction", augment=True, progress=True):
-    """Build a task by name: mazeN (3 <= N <= 64), sortN or sortN-visible (2 <= N <= 64)."""
+              target="direction", augment=True, progress=True, upos=False):
+    """Build a task by name: mazeN (3 <= N <= 64), sortN or sortN-visible (2 <= N <= 64), or ud_ewt (dependency
+    parsing, parsing.ParseTask; cache_dir is the folder with the treebank's files)."""
+    if name == "ud_ewt":
+        import parsing  # here, so the maze and sorting tasks never load it
+        return parsing.ParseTask(name, cache_dir, upos=upos, n_val=n_val, n_test=n_test, progress=progress)
     maze, sort = re.fullmatch(r"maze(\d+)", name), re.fullmatch(r"sort(\d+)(-visible)?", name)
     if maze and 3 <= int(maze[1]) <= 64:
         sizes = {k: v for k, v in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)) if v is not None}

@@ -109,7 +109,8 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=1000, da
     task = data.make_task(task_name, seed=config.get("data_seed", 0), n_train=config.get("n_train") if same else 100,
                           n_val=config.get("n_val") if same else 0, n_test=n_test,
                           cache_dir=data_dir or train.run_data_dir(config, path),
-                          target=config.get("target", "direction"), progress=False)
+                          target=config.get("target", "direction"), progress=False,
+                          upos=config.get("upos") == "gold")
     if (task.vocab_size, task.n_classes) != (model.cfg.vocab_size, model.cfg.n_classes):
         raise ValueError(f"{task_name} has {task.n_classes} classes over {task.vocab_size} tokens, the model "
                          f"{model.cfg.n_classes} over {model.cfg.vocab_size} (a sorting model has a fixed length)")
@@ -133,7 +134,8 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=1000, da
         per_seg, routing = scored["per_segment"], scored["routing"]
     # the yardstick printed beside the scores: random scores through the same decoder (mazes), or the simple
     # reference that puts hidden values at 0 (sorting, about the best possible tau with half hidden)
-    chance = task.chance(x, y) if hasattr(task, "chance") else task.reference_metrics(x, y, fill="zero")
+    chance = (task.chance(x, y) if hasattr(task, "chance") else
+              task.reference_metrics(x, y, fill="zero") if hasattr(task, "reference_metrics") else None)
     return {"checkpoint": path, "step": ckpt.get("step"), "task": task_name, "inner_steps": inner_steps,
             "segments": segments, "temperature": temperature, "ablate": ablate, "n_test": len(x), **per_seg[-1],
             "per_segment": per_seg, "routing": routing, "chance": chance, **extra}
@@ -166,8 +168,9 @@ def main(argv=None):
         print("  routing in the last segment (step: tokens keeping each head | most common set):")
         for t, (u, m) in enumerate(zip(result["routing"]["usage"], result["routing"]["modal_share"])):
             print(f"    t {t}: " + " ".join(f"h{h} {v:.2f}" for h, v in enumerate(u)) + f" | {m:.2f}")
-    what = "chance (random scores, same rollout)" if result["task"].startswith("maze") else "reference (hidden at 0)"
-    print(f"  {what}: " + " ".join(f"{k} {v:.4f}" for k, v in result["chance"].items()))
+    if result["chance"]:
+        what = "chance (random scores, same rollout)" if result["task"].startswith("maze") else "reference (hidden at 0)"
+        print(f"  {what}: " + " ".join(f"{k} {v:.4f}" for k, v in result["chance"].items()))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

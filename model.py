@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hrm_controller import Controller, ControllerConfig, ablate_alpha, balance_loss, routing_entropy, routing_stats
+from parsing import Biaffine, parse_loss
 from poh_block import BlockConfig, PoHBlock, local_mask, neighbour_index, open_mask, open_neighbours, rope_tables
 
 
@@ -57,6 +58,9 @@ class ModelConfig:
     ponder_weight: float = 0.0  # > 0 builds the halting head and adds beta * KL(p || geometric prior)
     ponder_prior: float = 0.5  # lambda_p of the geometric prior over halting steps
     label_smoothing: float = 0.0  # cross-entropy label smoothing
+    output: str = "classes"  # "classes" (one class per token) or "biaffine" (a head and a relation per word: parsing)
+    pad_token: int = -1  # >= 0: this input token is padding, never attended to (variable-length batches)
+    n_tags: int = 0  # > 0: inputs are (B, N, 2) token and tag ids, the tags embedded too (parsing with gold UPOS)
 
     def validate(self):
         """Raise ValueError with one clear line for settings that cannot work."""
@@ -74,6 +78,8 @@ class ModelConfig:
             (1 <= self.grad_steps, f"grad-steps must be >= 1, got {self.grad_steps}"),
             (self.h_gate in ("fixed", "learned"), f"h-gate must be fixed or learned, got {self.h_gate!r}"),
             (0.0 < self.ponder_prior < 1.0, f"ponder prior must be in (0, 1), got {self.ponder_prior}"),
+            (self.output in ("classes", "biaffine"), f"output must be classes or biaffine, got {self.output!r}"),
+            (self.output == "classes" or self.ponder_weight == 0, "pondering needs per-token classes, not biaffine"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -133,7 +139,9 @@ class PoHModel(nn.Module):
         self.blocks = nn.ModuleList(PoHBlock(block_cfg) for _ in range(cfg.n_layers))
         self.norm_in = nn.LayerNorm(cfg.d_model)  # input injection: |h| does not grow with the step count
         self.norm_out = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, cfg.n_classes)
+        self.head = nn.Linear(cfg.d_model, cfg.n_classes) if cfg.output == "classes" else Biaffine(cfg.d_model,
+                                                                                                   cfg.n_classes)
+        self.embed_tags = nn.Embedding(cfg.n_tags, cfg.d_model) if cfg.n_tags else None
         self.controller = None
         if cfg.controller in ("hrm", "poh"):
             self.controller = Controller(ControllerConfig(
@@ -164,10 +172,16 @@ class PoHModel(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+    def embed_input(self, x):
+        """Token embeddings (B, N, D) of x (B, N), or of x (B, N, 2) token and tag ids (their sum)."""
+        if x.dim() == 3:
+            return self.embed(x[..., 0]) + self.embed_tags(x[..., 1])
+        return self.embed(x)
+
     def init_state(self, x):
         """The one initial state: h = e (the embedded input), controller state zeros."""
-        B, N = x.shape
-        e = self.embed(x)
+        B, N = x.shape[:2]
+        e = self.embed_input(x)
         state = {"h": e.detach().float()}
         if self.controller is not None:
             state.update(self.controller.init_state(B, N, x.device))
@@ -183,11 +197,12 @@ class PoHModel(nn.Module):
         mode for routed models, usage (R, H) and modal_share (R,) from hrm_controller.routing_stats), state
         (detached), and with trace=True a list with per-step alpha, p, z_L, z_H, h_update, logits."""
         cfg = self.cfg
-        B, N = x.shape
+        B, N = x.shape[:2]
         R = n_steps or cfg.R
         grid = grid or (1, N)
         assert grid[0] * grid[1] == N, f"grid {grid} does not have {N} cells"
-        e = self.embed(x)
+        e = self.embed_input(x)
+        pad = (x[..., 0] if x.dim() == 3 else x) == cfg.pad_token  # (B, N): all False without padding
         if state is None:
             state = self.init_state(x)
         elif cfg.reset_controller and self.controller is not None:
@@ -220,7 +235,7 @@ class PoHModel(nn.Module):
                 h = self.norm_in(h) + e
                 for block in self.blocks:
                     h = block(h, alpha, rope, mask)
-                logits = self.head(self.norm_out(h))
+                logits = self.head(self.norm_out(h)) if cfg.output == "classes" else self.head(self.norm_out(h), pad)
                 if p is not None and t >= first_grad:
                     entropies.append(routing_entropy(p))
                     if balance_weight:
@@ -231,9 +246,11 @@ class PoHModel(nn.Module):
                     if y is not None:
                         step_losses.append(token_loss(logits, y, cfg.label_smoothing))
                 elif y is not None and t in supervised and t >= first_grad:
-                    task_terms.append(token_loss(logits, y, cfg.label_smoothing).mean())
+                    loss_t = token_loss(logits, y, cfg.label_smoothing) if cfg.output == "classes" else parse_loss(logits, y)
+                    task_terms.append(loss_t.mean())
             if trace:
-                steps.append({"alpha": alpha, "p": p, "h_update": h_update if h_update is None else h_update.detach(), "logits": logits.detach(),
+                steps.append({"alpha": alpha, "p": p, "h_update": h_update if h_update is None else h_update.detach(),
+                              "logits": logits.detach() if torch.is_tensor(logits) else tuple(t.detach() for t in logits),
                               **{k: v.detach().clone() for k, v in ctrl.items()}})
 
         zero = torch.zeros((), device=x.device)
@@ -270,6 +287,9 @@ class PoHModel(nn.Module):
     def attention_mask(self, x, grid):
         """What the blocks' attention may see: None (global), a dense mask, or (grid, allowed) to gather."""
         attn, gather = self.cfg.attn, self.cfg.attn_impl == "gather"
+        if self.cfg.pad_token >= 0:  # global attention that never looks at padding: (B, 1, 1, N), True = attend
+            assert attn == "global", "padding is supported with global attention only"
+            return ((x[..., 0] if x.dim() == 3 else x) != self.cfg.pad_token)[:, None, None, :]
         if attn == "local":
             return neighbour_index(grid, x.device) if gather else local_mask(grid, x.device)
         if attn == "open":

@@ -1,6 +1,7 @@
 """
-Dependency parsing on Universal Dependencies English EWT: reading CoNLL-U, decoding scores to a well-formed tree,
-and the attachment scores. The pieces of the coming `--task ud_ewt` that need no model.
+Dependency parsing on Universal Dependencies English EWT (`python train.py --task ud_ewt --data-dir DIR`): the
+files, reading CoNLL-U, vocabularies and batches, the biaffine output layer and loss that model.py uses with
+output="biaffine", decoding scores to a well-formed tree, and the attachment scores.
 
     sentences, skipped = read_conllu("samples/en_ewt-ud-dev-sample.conllu")
     heads = decode_tree(scores)                 # scores (n+1, n+1): scores[d, h] for word d under head h, 0 = ROOT
@@ -9,16 +10,27 @@ and the attachment scores. The pieces of the coming `--task ud_ewt` that need no
 Data: UD English EWT v2.15 (CC BY-SA 4.0), the files named in UD_FILES with the sentence counts in UD_COUNTS. A
 small sample of the dev file for the tests is in samples/; the full treebank is never committed.
 
-Tests: python -m pytest -q test_all.py -k "conllu or tree or attachment"
+Tests: python -m pytest -q test_all.py -k "conllu or tree or attachment or pars or padding or treebank"
 """
 
 import gzip
+import os
+import shutil
+import urllib.request
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
 
 UD_FILES = {"train": "en_ewt-ud-train.conllu.gz", "dev": "en_ewt-ud-dev.conllu.gz", "test": "en_ewt-ud-test.conllu.gz"}
 UD_COUNTS = {"train": 12544, "dev": 2001, "test": 2077}  # sentences in each file of release 2.15
+UD_URL = "https://raw.githubusercontent.com/UniversalDependencies/UD_English-EWT/r2.15/{name}"  # the release tag
+PAD, UNK, ROOT = 0, 1, 2  # word and tag ids shared by every vocabulary: padding, unknown, the ROOT token
+MIN_COUNT = 2  # a training word seen fewer times is unknown (so the model learns what to do with unknown words)
 
 
 @dataclass
@@ -162,3 +174,164 @@ def attachment_scores(pred_heads, pred_labels, gold_heads, gold_labels):
     head_ok = [p == g for p, g in zip(ph, gh)]
     both_ok = [h and p == g for h, p, g in zip(head_ok, pl, gl)]
     return {"uas": sum(head_ok) / len(gh), "las": sum(both_ok) / len(gh)}
+
+
+# Files: the three of the release, found in a folder or downloaded into it.
+
+def ud_files(data_dir, progress=True):
+    """Paths of the train, dev and test files in data_dir (.conllu or .conllu.gz); missing ones are downloaded from
+    the treebank's repository (release r2.15) with a progress bar and checked against the release's sentence
+    counts. A failed download raises ValueError with one line that says where to put the files by hand."""
+    os.makedirs(data_dir, exist_ok=True)
+    paths = {}
+    for split, gz_name in UD_FILES.items():
+        plain = os.path.join(data_dir, gz_name[:-3])
+        have = [p for p in (os.path.join(data_dir, gz_name), plain) if os.path.isfile(p)]
+        if have:
+            paths[split] = have[0]
+            continue
+        url = UD_URL.format(name=gz_name[:-3])
+        try:
+            with urllib.request.urlopen(url, timeout=30) as r, open(plain + ".part", "wb") as f:
+                size = int(r.headers.get("Content-Length") or 0) or None
+                with tqdm(total=size, unit="B", unit_scale=True, desc=gz_name[:-3], disable=not progress) as bar:
+                    for chunk in iter(lambda: r.read(1 << 16), b""):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+            count = len(read_conllu(plain + ".part")[0])
+            if count != UD_COUNTS[split]:
+                raise ValueError(f"{count} sentences, release 2.15 has {UD_COUNTS[split]}")
+            shutil.move(plain + ".part", plain)
+        except Exception as exc:  # no network, a moved file, a truncated download
+            if os.path.exists(plain + ".part"):
+                os.remove(plain + ".part")
+            raise ValueError(f"could not download {url} ({type(exc).__name__}: {exc}); put the UD English EWT v2.15 "
+                             f"files {', '.join(UD_FILES.values())} (or the same without .gz) into {data_dir} by "
+                             f"hand") from None
+        paths[split] = plain
+    return paths
+
+
+# Batches: one sentence per row, ROOT at position 0, padding at the end.
+
+def build_vocab(items, min_count=1):
+    """{item: id} for the items seen at least min_count times, after the PAD, UNK and ROOT ids."""
+    counts = Counter(items)
+    vocab = {"<pad>": PAD, "<unk>": UNK, "<root>": ROOT}
+    for item in sorted(counts, key=lambda w: (-counts[w], w)):
+        if counts[item] >= min_count:
+            vocab[item] = len(vocab)
+    return vocab
+
+
+def encode_sentences(sentences, words, tags, labels, upos=False):
+    """x (B, n+1) word ids, or (B, n+1, 2) word and tag ids with upos=True, and y (B, n+1, 2) gold heads and label
+    ids; position 0 is ROOT, rows are padded to the longest sentence with PAD in x and -100 (ignored) in y."""
+    n = max(len(s.words) for s in sentences) + 1
+    x = torch.full((len(sentences), n, 2), PAD, dtype=torch.long)
+    y = torch.full((len(sentences), n, 2), -100, dtype=torch.long)
+    for i, s in enumerate(sentences):
+        x[i, 0] = ROOT
+        x[i, 1:len(s.words) + 1, 0] = torch.tensor([words.get(w.lower(), UNK) for w in s.words])
+        x[i, 1:len(s.words) + 1, 1] = torch.tensor([tags.get(t, UNK) for t in s.upos])
+        y[i, 1:len(s.words) + 1, 0] = torch.tensor(s.heads)
+        y[i, 1:len(s.words) + 1, 1] = torch.tensor([labels.get(lab, UNK) for lab in s.labels()])
+    return (x if upos else x[..., 0]), y
+
+
+class ParseTask:
+    """UD English EWT dependency parsing: a sentence is a row of word tokens after ROOT; the label per word is its
+    head (a position, 0 = ROOT) and its universal relation. Training batches hold sentences of similar length
+    (consecutive in length order) and are padded only to their own longest sentence."""
+
+    def __init__(self, name, data_dir, *, upos=False, n_val=None, n_test=None, progress=True):
+        paths = ud_files(data_dir, progress)
+        self.sentences = {split: read_conllu(path)[0] for split, path in paths.items()}
+        train = self.sentences["train"]
+        self.words = build_vocab([w.lower() for s in train for w in s.words], MIN_COUNT)
+        self.tags = build_vocab([t for s in train for t in s.upos])
+        self.labels = build_vocab([lab for s in train for lab in s.labels()])
+        self.label_names = {i: lab for lab, i in self.labels.items()}
+        self.name, self.upos, self.grid = name, upos, None  # grid None: a sequence, (1, N) for each batch's N
+        self.vocab_size, self.n_classes, self.n_tags = len(self.words), len(self.labels), len(self.tags)
+        self.by_length = sorted(range(len(train)), key=lambda i: len(train[i].words))
+        held = {"val": self.sentences["dev"][:n_val], "test": self.sentences["test"][:n_test]}
+        # held-out sets in length order, so evaluation batches are short and evenly padded
+        self.splits = {s: self.encode(sorted(v, key=lambda z: len(z.words))) for s, v in held.items()}
+
+    def encode(self, sentences):
+        return encode_sentences(sentences, self.words, self.tags, self.labels, self.upos)
+
+    def train_batch(self, batch_size, gen, **curriculum):
+        """batch_size training sentences of similar length: a run of the length-sorted order at a random place."""
+        start = int(torch.randint(max(1, len(self.by_length) - batch_size + 1), (1,), generator=gen))
+        rows = self.by_length[start:start + batch_size]
+        return self.encode([self.sentences["train"][i] for i in rows])
+
+    def split(self, name):
+        if name not in self.splits:
+            raise ValueError(f"unknown split {name!r}; use 'val' or 'test'")
+        return self.splits[name]
+
+    def metrics(self, logits, x, y, per_item=False):
+        """uas and las of the decoded trees (Chu-Liu/Edmonds), over all words; not_tree: the share of sentences
+        whose greedy (argmax) heads did not form a tree."""
+        arc, lab = (t.detach().float().cpu() for t in logits)
+        y = y.cpu()
+        items = {"uas": [], "las": [], "not_tree": []}
+        for b in range(len(arc)):
+            n = int((y[b, :, 0] != -100).sum())
+            scores = arc[b, :n + 1, :n + 1].numpy()
+            greedy = scores[1:].argmax(1).tolist()
+            heads = decode_tree(scores)
+            labels = lab[b, torch.arange(1, n + 1), torch.tensor(heads)].argmax(-1).tolist()
+            got = attachment_scores(heads, labels, y[b, 1:n + 1, 0].tolist(), y[b, 1:n + 1, 1].tolist())
+            items["uas"].append(got["uas"])
+            items["las"].append(got["las"])
+            items["not_tree"].append(float(not is_tree(greedy)))
+        return items if per_item else {k: sum(v) / len(v) for k, v in items.items()}
+
+    def trim(self, x, y):
+        """A batch of the held-out sets cut to its longest sentence (the sets are padded to their longest)."""
+        n = int((y[..., 0] != -100).sum(1).max()) + 1
+        return x[:, :n], y[:, :n]
+
+
+# The parser's output layer and loss (used by model.py when output="biaffine").
+
+class Biaffine(nn.Module):
+    """Biaffine scoring (Dozat & Manning 2017) from the encoder's token states h (B, N, D):
+    arc[b, d, j] = a_dep[d] . U a_head[j] + a_head[j] . u, the score of token j as the head of token d, and
+    lab[b, d, j, :] = bilinear label scores of the arc j -> d (with bias terms), for every pair."""
+
+    def __init__(self, d_model, n_labels, d_arc=128, d_label=64):
+        super().__init__()
+        self.arc_dep, self.arc_head = (nn.Sequential(nn.Linear(d_model, d_arc), nn.GELU()) for _ in range(2))
+        self.lab_dep, self.lab_head = (nn.Sequential(nn.Linear(d_model, d_label), nn.GELU()) for _ in range(2))
+        self.U = nn.Parameter(torch.zeros(d_arc, d_arc))
+        self.u = nn.Parameter(torch.zeros(d_arc))
+        self.W = nn.Parameter(torch.zeros(n_labels, d_label + 1, d_label + 1))  # the +1: bias rows and columns
+
+    def forward(self, h, pad):
+        """h (B, N, D), pad (B, N) bool -> arc (B, N, N) with padding heads at -inf, lab (B, N, N, L)."""
+        a_dep, a_head = self.arc_dep(h), self.arc_head(h)  # (B, N, d_arc)
+        arc = a_dep @ self.U @ a_head.transpose(1, 2) + (a_head @ self.u)[:, None, :]  # (B, N dependents, N heads)
+        arc = arc.masked_fill(pad[:, None, :], float("-inf"))
+        one = torch.ones_like(h[..., :1])
+        l_dep, l_head = torch.cat([self.lab_dep(h), one], -1), torch.cat([self.lab_head(h), one], -1)  # (B, N, dl+1)
+        lab = torch.einsum("bdi,lij->bdlj", l_dep, self.W) @ l_head.transpose(1, 2)[:, None]  # (B, N, L, N)
+        return arc, lab.transpose(2, 3)  # lab (B, N dependents, N heads, L)
+
+
+def parse_loss(logits, y):
+    """Per-sentence mean over its words of the cross-entropy of the gold head among all tokens plus that of the gold
+    relation on the gold arc: logits (arc, lab), y (B, N, 2) -> (B,)."""
+    arc, lab = logits
+    heads, labels = y[..., 0], y[..., 1]
+    words = heads != -100  # (B, N): real words (not ROOT, not padding)
+    safe = heads.clamp_min(0)
+    head_ce = F.cross_entropy(arc.float().transpose(1, 2), safe, reduction="none")  # (B, N)
+    gold_arc = lab.gather(2, safe[:, :, None, None].expand(-1, -1, 1, lab.shape[-1])).squeeze(2)  # (B, N, L)
+    label_ce = F.cross_entropy(gold_arc.float().transpose(1, 2), labels.clamp_min(0), reduction="none")  # (B, N)
+    w = words.float()
+    return ((head_ce + label_ce) * w).sum(1) / w.sum(1).clamp_min(1.0)

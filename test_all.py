@@ -1711,3 +1711,70 @@ def test_attachment_scores_on_hand_made_cases():
     assert got == {"uas": 0.75, "las": 0.5}
     with pytest.raises(ValueError, match="one head and one label per word"):
         parsing.attachment_scores([1], ["x"], [1, 2], ["x", "y"])
+
+
+@pytest.fixture
+def ud_sample_dir(tmp_path):
+    """A data folder holding the committed sample under the three file names of the release."""
+    folder = tmp_path / "ud"
+    folder.mkdir()
+    for name in parsing.UD_FILES.values():
+        (folder / name[:-3]).write_text(open(UD_SAMPLE, encoding="utf-8").read(), encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize("controller", ["hrm", "poh", "none"])
+def test_two_step_parsing_run_on_the_sample_prints_uas_and_las(ud_sample_dir, tmp_path, controller, capsys):
+    result = train.main(["--task", "ud_ewt", "--data-dir", str(ud_sample_dir), "--controller", controller,
+                         "--d-model", "16", "--n-heads", "2", "--d-ctrl", "8", "--R", "2", "--batch-size", "4",
+                         "--max-steps", "2", "--eval-interval", "2", "--no-progress", "--out-dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert "val uas" in out and " las " in out and result["n_test"] == 41
+    assert 0 <= result["las"] <= result["uas"] <= 1 and 0 <= result["not_tree"] <= 1
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"]["output"] == "biaffine" and config["model"]["pad_token"] == 0
+
+
+def test_padding_never_changes_the_parsers_scores_for_the_real_words(ud_sample_dir):
+    task = parsing.ParseTask("ud_ewt", str(ud_sample_dir), upos=True, progress=False)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=task.vocab_size, n_classes=task.n_classes, d_model=16, n_heads=2, n_layers=1,
+                      d_ctrl=8, R=3, pos="rope2d", attn="global", controller="hrm", output="biaffine", pad_token=0,
+                      n_tags=task.n_tags)
+    model = PoHModel(cfg, verbose=False).eval()
+    sentences = task.sentences["dev"]
+    short = min(sentences, key=lambda s: len(s.words))
+    alone_x, _ = task.encode([short])
+    batch_x, _ = task.encode([short, max(sentences, key=lambda s: len(s.words))])  # short is padded here
+    assert batch_x.shape[1] > alone_x.shape[1] and batch_x.dim() == 3  # word and tag ids
+    n = alone_x.shape[1]
+    with torch.no_grad():
+        arc_a, lab_a = model(alone_x)["logits"]
+        arc_b, lab_b = model(batch_x)["logits"]
+    torch.testing.assert_close(arc_b[0, :n, :n], arc_a[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lab_b[0, :n, :n], lab_a[0], rtol=1e-5, atol=1e-5)
+    assert torch.isinf(arc_b[0, :n, n:]).all()  # padding is never a candidate head
+
+
+def test_parse_loss_reaches_arcs_and_labels_and_ignores_padding():
+    torch.manual_seed(0)
+    arc = torch.randn(2, 4, 4, requires_grad=True)
+    lab = torch.randn(2, 4, 4, 5, requires_grad=True)
+    y = torch.tensor([[[-100, -100], [2, 3], [0, 4], [2, 3]], [[-100, -100], [0, 3], [-100, -100], [-100, -100]]])
+    loss = parsing.parse_loss((arc, lab), y)
+    loss.sum().backward()
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
+    assert arc.grad[0, 1:].abs().sum() > 0 and arc.grad[1, 2:].abs().sum() == 0  # padded rows get nothing
+    assert lab.grad[0, 1, 2].abs().sum() > 0 and lab.grad[0, 1, 1].abs().sum() == 0  # only the gold arc's labels
+
+
+def test_without_the_treebank_files_or_a_network_the_parsing_task_says_where_to_put_them(tmp_path, monkeypatch):
+    def offline(*a, **kw):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(parsing.urllib.request, "urlopen", offline)
+    with pytest.raises(ValueError, match="into .* by hand") as exc:
+        parsing.ud_files(str(tmp_path / "ud"), progress=False)
+    assert "\n" not in str(exc.value) and not list((tmp_path / "ud").iterdir())  # one line, nothing half-written
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--task", "ud_ewt", "--data-dir", str(tmp_path / "ud"), "--out-dir", str(tmp_path / "run")])
+    assert str(exc.value.code).startswith("error: could not download") and "\n" not in str(exc.value.code)

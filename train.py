@@ -47,6 +47,10 @@ RECIPES = {
     "maze8": dict(d_model=64, n_heads=4, n_layers=2, attn="open", d_ctrl=12, R=8, T=2, grad="tbptt", grad_steps=2,
                   supervise="last", segments=4, batching="rolling", batch_size=64, lr=2e-3, warmup=50, max_steps=900,
                   eval_interval=150, n_val=300, n_train=2000, curriculum_steps=200),
+    # dependency parsing: sentences of every length, so fixed batches of similar lengths, one segment each
+    "parse": dict(d_model=128, n_heads=4, n_layers=2, attn="global", d_ctrl=16, R=4, T=2, grad="bptt", grad_steps=2,
+                  supervise="last", segments=1, batching="fixed", batch_size=32, lr=1e-3, max_steps=3000,
+                  eval_interval=250, curriculum_steps=0, warmup=100),
     "sort": dict(d_model=128, n_heads=4, n_layers=2, attn="global", d_ctrl=16, R=4, T=2, grad="bptt", grad_steps=2,
                  supervise="all", segments=1, batching="fixed", batch_size=128, lr=1e-3, max_steps=2000,
                  eval_interval=200, n_val=2000, curriculum_steps=0, warmup=100),
@@ -63,7 +67,9 @@ def get_parser():
     g.add_argument("--n-train", type=int, default=None, help="training mazes in the pool (default: the task's)")
     g.add_argument("--n-val", type=int, default=None, help="validation items used for checkpoint selection")
     g.add_argument("--n-test", type=int, default=None, help="test items, measured once at the end (>= 1000)")
-    g.add_argument("--data-dir", default="data_cache", help="where generated maze sets are cached")
+    g.add_argument("--data-dir", default="data_cache", help="where generated maze sets are cached; ud_ewt: the "
+                   "folder with the treebank's files (downloaded there on first use)")
+    g.add_argument("--upos", default="none", choices=["none", "gold"], help="ud_ewt: also embed the gold UPOS tags")
     g.add_argument("--no-augment", action="store_true", help="do not apply the 8 square symmetries to mazes")
     g.add_argument("--curriculum-steps", type=int, default=None,
                    help="mazes: over this many optimizer steps the longest allowed path grows from short to any")
@@ -144,7 +150,10 @@ def get_parser():
 
 
 def task_kind(name):
-    return "sort" if name.startswith("sort") else "maze"
+    return "sort" if name.startswith("sort") else "parse" if name == "ud_ewt" else "maze"
+
+
+SELECT = {"maze": "optimal", "sort": "tau", "parse": "las"}  # the validation metric that picks best.pt
 
 
 def resolve_args(argv=None):
@@ -163,7 +172,9 @@ def resolve_args(argv=None):
     for ok, msg in [(args.R >= 1, f"--R must be >= 1, got {args.R}"), (args.T >= 1, f"--T must be >= 1, got {args.T}"),
                     (1 <= args.top_k <= args.n_heads, f"--top-k {args.top_k} must be between 1 and --n-heads {args.n_heads}"),
                     (args.segments >= 1, "--segments must be >= 1"), (args.max_steps >= 1, "--max-steps must be >= 1"),
-                    (args.batch_size >= 1, "--batch-size must be >= 1")]:
+                    (args.batch_size >= 1, "--batch-size must be >= 1"),
+                    (task_kind(args.task) != "parse" or args.batching == "fixed" and args.attn == "global",
+                     "ud_ewt needs --batching fixed and --attn global (batches differ in length)")]:
         if not ok:
             parser.error(msg)
     return args
@@ -175,7 +186,9 @@ def model_config(args, task):
         n_layers=args.n_layers, pos=args.pos, attn=args.attn, attn_impl=args.attn_impl, R=args.R, controller=args.controller,
         d_ctrl=args.d_ctrl, T=args.T, top_k=args.top_k, hard_route=args.hard_route, h_gate=args.h_gate,
         reset_controller=args.reset_controller, grad=args.grad, grad_steps=args.grad_steps, supervise=args.supervise,
-        ponder_weight=args.ponder_weight, ponder_prior=args.ponder_prior, label_smoothing=args.label_smoothing)
+        ponder_weight=args.ponder_weight, ponder_prior=args.ponder_prior, label_smoothing=args.label_smoothing,
+        **(dict(output="biaffine", pad_token=0, n_tags=task.n_tags if args.upos == "gold" else 0)
+           if task_kind(args.task) == "parse" else {}))
 
 
 def available_devices():
@@ -380,10 +393,10 @@ class Carry:
             mine = (done >= self.lo) & (done < self.hi)
             x, y, rows = x[mine].to(device), y[mine].to(device), done[mine] - self.lo
             fresh = model.init_state(x)
-            if first:
+            if first or len(done) == B:  # a whole new batch, whose length may differ (variable-length tasks)
                 self.x, self.y, self.state = x, y, fresh
                 rolling = self.args.batching == "rolling"
-                self.age = torch.arange(B) % S if rolling else torch.zeros(B, dtype=torch.long)
+                self.age = torch.arange(B) % S if first and rolling else torch.zeros(B, dtype=torch.long)
             else:
                 self.x[rows], self.y[rows], self.age[done] = x, y, 0
                 for k, v in fresh.items():
@@ -426,7 +439,9 @@ def evaluate(model, task, x, y, segments, n_steps=None, temperature=1.0, batch_s
     items = {}
     gen = torch.Generator().manual_seed(0)  # the ablations' random draws: the same on every call
     for i in range(0, len(x), batch_size):
-        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        xb, yb = (task.trim(xb, yb) if hasattr(task, "trim") else (xb, yb))  # variable length: no padding beyond the batch
+        xb, yb = xb.to(device), yb.to(device)
         state = None
         for s in range(segments):
             with amp or nullcontext():
@@ -500,7 +515,8 @@ def build(args, device, rank, world):
     try:
         task = make_task(args.task, seed=args.data_seed, n_train=args.n_train, n_val=args.n_val,
                          n_test=args.n_test, cache_dir=args.data_dir, target=args.target,
-                         augment=not args.no_augment, progress=master and not args.no_progress)
+                         augment=not args.no_augment, progress=master and not args.no_progress,
+                         upos=args.upos == "gold")
         cfg = model_config(args, task)
         cfg.validate()
     except ValueError as exc:
@@ -607,7 +623,7 @@ def validate(r, clock, log, eval_kw):
     final = scored["per_segment"][-1]
     log({"step": r.step, "split": "val", **final, "per_segment": scored["per_segment"], "temperature": temperature,
          "routing": scored["routing"], "train_seconds": trained})
-    select = "optimal" if task_kind(r.args.task) == "maze" else "tau"
+    select = SELECT[task_kind(r.args.task)]
     if final[select] > r.best:  # best moves only once best.pt is written, so the two agree
         save_atomic({"model": (r.ema or r.model).state_dict(), "model_args": asdict(r.cfg), "step": r.step,
                      "best_val": final[select], "temperature": temperature, "config": vars(r.args)},
