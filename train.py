@@ -109,6 +109,12 @@ def get_parser():
                    help="zero z_L/z_H at the start of every segment instead of carrying them")
     g.add_argument("--lr-controller", type=float, default=None, help="separate learning rate for the controller")
 
+    add_run_flags(p)
+    return p
+
+
+def add_run_flags(p):
+    """The flags of how a run trains, evaluates and where (the second half of get_parser)."""
     g = p.add_argument_group("optimisation")
     g.add_argument("--grad", default=None, choices=["bptt", "tbptt"], help="full or truncated backprop over R")
     g.add_argument("--grad-steps", type=int, default=None, help="tbptt: inner steps that carry gradient")
@@ -146,7 +152,6 @@ def get_parser():
     g.add_argument("--out-dir", default=None, help="output folder (default runs/<task>-<controller>-s<seed>)")
     g.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-    return p
 
 
 def task_kind(name):
