@@ -57,7 +57,9 @@ def fake_batch(model, args, task, device, batch_size=None):
     g = torch.Generator().manual_seed(0)
     B = batch_size or args.batch_size
     x = torch.randint(0, 48, (B, N), generator=g).to(device)
-    return x, torch.randint(0, model.cfg.n_classes, (B, N), generator=g).to(device), grid
+    y = torch.randint(0, model.cfg.n_classes, (B, N), generator=g)
+    y = 1 << y if model.cfg.label_sets else y  # maze labels are bitmasks of the right classes
+    return x, y.to(device), grid
 
 
 def sync(device):

@@ -29,7 +29,7 @@ TASK_NAMES = ("maze8", "maze12", "maze16", "maze24", "sort12", "sort12-visible",
               "ud_ewt")
 MOVES = ((-1, 0), (0, 1), (1, 0), (0, -1))  # N, E, S, W as (dr, dc): row grows southward, column eastward
 GOAL_CLASS = 4  # direction target: the goal cell has no move
-IGNORE = -100  # cross-entropy ignore index, for cells the goal cannot reach
+IGNORE = -100  # label of cells the goal cannot reach: no class is right, the loss and metrics skip them
 GENERATOR = "gen_dfs"  # maze-dataset's LatticeMazeGenerators method for perfect mazes, the default
 CHUNK = 500  # mazes per maze-dataset call; part of the cached content, so bump CACHE_VERSION if it changes
 CACHE_VERSION = 2
@@ -107,8 +107,33 @@ def solve(open_sides, start, goal):
     return dist, path
 
 
+def shortest_moves(open_sides, dist):
+    """Every right move per cell as a bitmask, batched: (..., n, n, 4), (..., n, n) -> (..., n, n) int64. Bit d
+    (N, E, S, W) is set for each open side whose neighbour is one step closer to the goal, so a cell where several
+    moves are equally short (mazes with loops) has several bits; the goal has bit GOAL_CLASS; unreachable cells are
+    IGNORE."""
+    n = dist.shape[-1]
+    pad = [(0, 0)] * (dist.ndim - 2) + [(1, 1), (1, 1)]
+    padded = np.pad(dist, pad, constant_values=-2)  # -2: off-grid neighbours never count as one step closer
+    bits = np.zeros(dist.shape, dtype=np.int64)
+    for d, (dr, dc) in enumerate(MOVES):
+        nb = padded[..., 1 + dr:1 + dr + n, 1 + dc:1 + dc + n]
+        bits |= (open_sides[..., d] & (dist > 0) & (nb == dist - 1)).astype(np.int64) << d
+    bits[dist == 0] = 1 << GOAL_CLASS
+    return np.where(dist >= 0, bits, IGNORE)
+
+
+def first_class(y):
+    """The lowest class in each bitmask label (IGNORE stays IGNORE): for a maze without loops, the one right class."""
+    y = np.asarray(y)
+    lowest = np.where(y > 0, y & -y, 1)  # the lowest set bit
+    return np.where(y > 0, np.log2(lowest).astype(np.int64), IGNORE)
+
+
 def batch_labels(open_sides, start, dist, target="direction"):
-    """(B, n*n) labels of B mazes from their BFS distances; labels() for one maze."""
+    """(B, n*n) labels of B mazes from their BFS distances (labels() for one maze), as bitmasks of the right
+    classes: direction, every move toward the goal along a shortest path (shortest_moves); path, the on-path bit of
+    the cells of one shortest path (the lowest direction at ties), 1 << 0 off and 1 << 1 on."""
     field = direction_field(open_sides, dist)
     B, n = dist.shape[:2]
     if target == "path":
@@ -123,14 +148,17 @@ def batch_labels(open_sides, start, dist, target="direction"):
             if (d == GOAL_CLASS).all():
                 break
             r, c = r + step[d, 0], c + step[d, 1]
-        field = np.where(dist >= 0, on_path, IGNORE)
-    elif target != "direction":
+        field = np.where(dist >= 0, 1 << on_path.astype(np.int64), IGNORE)
+    elif target == "direction":
+        field = shortest_moves(open_sides, dist)
+    else:
         raise ValueError(f"unknown target {target!r}; use 'direction' or 'path'")
     return field.reshape(B, n * n)
 
 
 def labels(open_sides, start, goal, target="direction"):
-    """Per-cell classes (n*n,) int64: the move toward the goal (direction) or the on-path bit (path)."""
+    """Per-cell labels (n*n,) int64, bitmasks of the right classes: every shortest move toward the goal
+    (direction) or the on-path bit (path); see batch_labels."""
     dist, _ = solve(open_sides, start, goal)
     return batch_labels(np.asarray(open_sides)[None], np.asarray(start)[None], dist[None], target)[0]
 
@@ -192,23 +220,34 @@ def canonical_keys(open_sides, start, goal):
 
 
 def labelled_path(y, start, n):
-    """The shortest path start..goal that direction labels y (n*n,) encode: follow the labelled move from the start
-    until the goal class. Equal to solve()'s path, whose tie-breaking the labels share. Empty if unreachable."""
-    path, cur = [], tuple(start)
+    """(path, unique): the shortest path start..goal that direction labels y (n*n,) encode, following the lowest
+    right move from the start (solve()'s tie-breaking), and whether it is the only shortest path (one right move at
+    every cell on it). Empty if the goal cannot be reached."""
+    path, cur, unique = [], tuple(start), True
     for _ in range(n * n):
-        d = int(y[cur[0] * n + cur[1]])
-        if d == IGNORE:
-            return []
+        bits = int(y[cur[0] * n + cur[1]])
+        if bits == IGNORE:
+            return [], True
         path.append(cur)
-        if d == GOAL_CLASS:
-            return path
+        if bits == 1 << GOAL_CLASS:
+            return path, unique
+        unique = unique and bits & (bits - 1) == 0  # exactly one bit set
+        d = (bits & -bits).bit_length() - 1
         cur = (cur[0] + MOVES[d][0], cur[1] + MOVES[d][1])
     raise ValueError("direction labels loop without reaching the goal")
 
 
+def nan_mean(values):
+    """Mean of the values that are not NaN (NaN if none is): exact is NaN for a maze without a unique path."""
+    kept = [v for v in values if v == v]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
 def maze_metrics(logits, x, y, per_item=False):
     """reach / optimal / exact of the greedy rollout and per-cell accuracy, means over the batch (per_item=True:
-    a list per metric, one value per maze).
+    a list per metric, one value per maze). A cell is right when its best-scored class is any right one (every
+    shortest move counts); exact is scored only for mazes with a unique shortest path (NaN per item otherwise,
+    left out of the mean), and unique is the share of such mazes.
 
     Needs nothing but its arguments, so it scores mazes of any size; the target is read from the class count."""
     scores = logits.detach().float().cpu().numpy()
@@ -218,19 +257,23 @@ def maze_metrics(logits, x, y, per_item=False):
     if C not in (5, 2):
         raise ValueError(f"maze logits need 5 (direction) or 2 (path) classes, got {C}")
     target = "direction" if C == 5 else "path"
-    out = {"reach": [], "optimal": [], "exact": [], "cell_acc": []}
+    out = {"reach": [], "optimal": [], "exact": [], "cell_acc": [], "unique": []}
     for b in range(B):
         open_sides, start, goal = decode(x[b], n)
-        # the path labels() used for y: read off the direction labels (no BFS per maze and segment), or solved
-        best = labelled_path(y[b], start, n) if target == "direction" else solve(open_sides, start, goal)[1]
+        if target == "direction":  # the labelled path, read off the labels (no BFS per maze and segment)
+            best, unique = labelled_path(y[b], start, n)
+        else:
+            dist, best = solve(open_sides, start, goal)
+            unique = labelled_path(shortest_moves(open_sides, dist).reshape(-1), start, n)[1]
         path = rollout(scores[b], open_sides, start, goal, target)
         reached = path[-1] == goal
         out["reach"].append(float(reached))
         out["optimal"].append(float(reached and len(path) == len(best)))
-        out["exact"].append(float(path == best))
+        out["exact"].append(float(path == best) if unique else float("nan"))
+        out["unique"].append(float(unique))
         known = y[b] != IGNORE
-        out["cell_acc"].append(float((scores[b].argmax(-1) == y[b])[known].mean()))
-    return out if per_item else {k: sum(v) / B for k, v in out.items()}
+        out["cell_acc"].append(float(((y[b][known] >> scores[b].argmax(-1)[known]) & 1).mean()))
+    return out if per_item else {k: nan_mean(v) for k, v in out.items()}
 
 
 # Mazes: generation, caching and the task.

@@ -58,6 +58,7 @@ class ModelConfig:
     ponder_weight: float = 0.0  # > 0 builds the halting head and adds beta * KL(p || geometric prior)
     ponder_prior: float = 0.5  # lambda_p of the geometric prior over halting steps
     label_smoothing: float = 0.0  # cross-entropy label smoothing
+    label_sets: bool = False  # labels are bitmasks of the right classes (mazes: every equally short move is right)
     output: str = "classes"  # "classes" (one class per token) or "biaffine" (a head and a relation per word: parsing)
     pad_token: int = -1  # >= 0: this input token is padding, never attended to (variable-length batches)
     n_tags: int = 0  # > 0: inputs are (B, N, 2) token and tag ids, the tags embedded too (parsing with gold UPOS)
@@ -102,9 +103,20 @@ def supervised_steps(R, supervise):
     raise ValueError(f"supervise must be last, all or every-K (K >= 1), got {supervise!r}")
 
 
-def token_loss(logits, y, label_smoothing=0.0):
-    """Per-sample mean cross-entropy over labelled tokens: logits (B, N, C), y (B, N) -> (B,)."""
+def token_loss(logits, y, label_smoothing=0.0, label_sets=False):
+    """Per-sample mean cross-entropy over labelled tokens: logits (B, N, C), y (B, N) -> (B,). With label_sets, y
+    holds a bitmask of the right classes per token and the loss is -log of their total probability (for one right
+    class, the usual cross-entropy); a token with no right class is skipped like the ignore index -100."""
     B, N, C = logits.shape
+    if label_sets:
+        right = ((y[..., None] >> torch.arange(C, device=y.device)) & 1).bool() & (y[..., None] >= 0)  # (B, N, C)
+        logp = logits.float().log_softmax(-1)
+        nll = -torch.logsumexp(logp.masked_fill(~right, float("-inf")), -1)  # (B, N)
+        if label_smoothing:  # as F.cross_entropy smooths: towards the uniform distribution
+            nll = (1 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
+        valid = right.any(-1)
+        nll = nll.masked_fill(~valid, 0.0)
+        return (nll * valid).sum(1) / valid.sum(1).clamp_min(1.0)
     ce = F.cross_entropy(logits.float().reshape(B * N, C), y.reshape(B * N), reduction="none",
                          ignore_index=-100, label_smoothing=label_smoothing).view(B, N)
     valid = (y != -100).float()
@@ -244,9 +256,10 @@ class PoHModel(nn.Module):
                     lambdas.append(torch.sigmoid(self.halt(h.mean(1)).float()).squeeze(-1))  # (B,)
                     step_logits.append(logits)
                     if y is not None:
-                        step_losses.append(token_loss(logits, y, cfg.label_smoothing))
+                        step_losses.append(token_loss(logits, y, cfg.label_smoothing, cfg.label_sets))
                 elif y is not None and t in supervised and t >= first_grad:
-                    loss_t = token_loss(logits, y, cfg.label_smoothing) if cfg.output == "classes" else parse_loss(logits, y)
+                    loss_t = (token_loss(logits, y, cfg.label_smoothing, cfg.label_sets) if cfg.output == "classes"
+                              else parse_loss(logits, y))
                     task_terms.append(loss_t.mean())
             if trace:
                 steps.append({"alpha": alpha, "p": p, "h_update": h_update if h_update is None else h_update.detach(),

@@ -143,7 +143,8 @@ def maze_record(pool, b, scores, y, target):
     and the cells whose predicted class is wrong; scores (N, C) and labels y (N,) are maze b's."""
     o, s, g = pool["open"][b], tuple(int(v) for v in pool["start"][b]), tuple(int(v) for v in pool["goal"][b])
     n = o.shape[0]
-    wrong = np.flatnonzero((scores.argmax(-1) != y) & (y != data.IGNORE))
+    right = (np.where(y >= 0, y, 0) >> scores.argmax(-1)) & 1  # the best-scored class is one of the right ones
+    wrong = np.flatnonzero((right == 0) & (y != data.IGNORE))
     return {"open": o, "start": s, "goal": g, "true_path": data.solve(o, s, g)[1],
             "pred_path": data.rollout(scores, o, s, g, target), "cell_errors": [(i // n, i % n) for i in wrong]}
 

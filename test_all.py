@@ -28,6 +28,7 @@ import ab
 import bench
 import data
 import evaluate
+import model as model_mod
 import parsing
 import plots
 import sample_maze
@@ -453,7 +454,8 @@ def test_labels_follow_shortest_path_equal_to_maze_dataset_solution():
         assert_valid_tree(o, s, g)
         dist, path = data.solve(o, s, g)
         assert path == [tuple(int(v) for v in p) for p in m.solution]  # also checks the connection_list layout
-        y = data.labels(o, s, g, "direction").reshape(8, 8)
+        y = data.first_class(data.labels(o, s, g, "direction")).reshape(8, 8)  # a tree: one right move per cell
+        assert (data.labels(o, s, g) == 1 << y.reshape(-1)).all()
         cur, moves = s, 0
         while cur != g:
             d = int(y[cur])
@@ -462,7 +464,7 @@ def test_labels_follow_shortest_path_equal_to_maze_dataset_solution():
             assert dist[nxt] == dist[cur] - 1
             cur, moves = nxt, moves + 1
         assert moves == len(path) - 1 and y[g] == data.GOAL_CLASS
-        on_path = data.labels(o, s, g, "path").reshape(8, 8)
+        on_path = data.first_class(data.labels(o, s, g, "path")).reshape(8, 8)
         assert {tuple(map(int, p)) for p in np.argwhere(on_path == 1)} == set(path)
 
 
@@ -471,8 +473,9 @@ def test_rollout_perfect_on_true_labels_and_fails_on_broken_predictions(maze8):
         mazes = pool_mazes(maze8)
         x = torch.from_numpy(np.stack([data.encode(*m) for m in mazes]))
         y = torch.from_numpy(np.stack([data.labels(*m, target) for m in mazes]))
-        logits = F.one_hot(y, C).float()
-        assert data.maze_metrics(logits, x, y) == {"reach": 1.0, "optimal": 1.0, "exact": 1.0, "cell_acc": 1.0}
+        logits = F.one_hot(torch.from_numpy(data.first_class(y.numpy())), C).float()
+        assert data.maze_metrics(logits, x, y) == {"reach": 1.0, "optimal": 1.0, "exact": 1.0, "cell_acc": 1.0,
+                                                   "unique": 1.0}
         # break one maze: at the first path cell with a side branch, favour that branch (a dead end in a tree)
         o, s, g = mazes[0]
         path = data.solve(o, s, g)[1]
@@ -491,20 +494,36 @@ def test_rollout_perfect_on_true_labels_and_fails_on_broken_predictions(maze8):
         assert data.maze_metrics(broken, x, y)["reach"] == pytest.approx(1 - 1 / len(mazes))
     # direction logits pointing into a wall at the start cannot walk through it: the rollout still solves it
     wall = [d for d in range(4) if not o[s][d]][0]
-    into_wall = F.one_hot(torch.from_numpy(data.labels(o, s, g)).clamp(min=0), 5).float()
+    into_wall = F.one_hot(torch.from_numpy(data.first_class(data.labels(o, s, g))).clamp(min=0), 5).float()
     into_wall[s[0] * 8 + s[1], wall] = 10.0
     assert data.rollout(into_wall.numpy(), o, s, g) == path
 
 
-def test_loop_maze_separates_optimal_from_exact():
+def test_a_maze_with_two_equally_short_moves_gives_both_full_credit_and_no_exact_score():
     o = np.zeros((2, 2, 4), dtype=bool)  # a 2x2 ring: two equally short ways from (0, 0) to (1, 1)
     o[0, 0, [1, 2]] = o[0, 1, [2, 3]] = o[1, 0, [0, 1]] = o[1, 1, [0, 3]] = True
     x = torch.from_numpy(data.encode(o, (0, 0), (1, 1)))[None]
     y = torch.from_numpy(data.labels(o, (0, 0), (1, 1)))[None]
-    assert y.tolist() == [[1, 2, 1, 4]]  # ties go to the lowest direction: E at the start
-    logits = F.one_hot(y, 5).float()
-    logits[0, 0, 2] = 5.0  # go S first: an equally short path that is not the labelled one
-    assert data.maze_metrics(logits, x, y) == {"reach": 1.0, "optimal": 1.0, "exact": 0.0, "cell_acc": 0.75}
+    E, S, GOAL = 1 << 1, 1 << 2, 1 << data.GOAL_CLASS
+    assert y.tolist() == [[E | S, S, E, GOAL]]  # at the start both E and S are shortest moves
+    for first in (1, 2):  # go E first, or S first: both are right, at every cell and as a path
+        logits = F.one_hot(torch.tensor([[first, 2, 1, 4]]), 5).float()
+        assert data.maze_metrics(logits, x, y) == pytest.approx(
+            {"reach": 1.0, "optimal": 1.0, "exact": float("nan"), "cell_acc": 1.0, "unique": 0.0}, nan_ok=True)
+    # the loss gives both moves the same credit: all the probability on E or all on S costs the same
+    loss = lambda logits: float(model_mod.token_loss(logits, y, label_sets=True))
+    assert loss(10 * F.one_hot(torch.tensor([[1, 2, 1, 4]]), 5).float()) == pytest.approx(
+        loss(10 * F.one_hot(torch.tensor([[2, 2, 1, 4]]), 5).float()))
+    logits = torch.randn(1, 4, 5)  # and equals -log(p_E + p_S) at the start
+    p = logits.softmax(-1)
+    expected = (-torch.log(p[0, 0, 1] + p[0, 0, 2]) - torch.log(p[0, 1, 2]) - torch.log(p[0, 2, 1])
+                - torch.log(p[0, 3, 4])) / 4
+    assert loss(logits) == pytest.approx(float(expected), rel=1e-5)
+    # on one labelled class, the set loss is the usual cross-entropy
+    single = torch.tensor([[1 << 3, 1 << 0, 1 << 4, -100]])
+    classes = torch.tensor([[3, 0, 4, -100]])
+    assert float(model_mod.token_loss(logits, single, label_sets=True)) == pytest.approx(
+        float(model_mod.token_loss(logits, classes)), rel=1e-5)
     # equal scores go N, E, S, W in that order, so flat logits follow the labelled (E-first) path
     assert data.rollout(np.zeros((4, 5)), o, (0, 0), (1, 1)) == [(0, 0), (0, 1), (1, 1)]
     assert data.rollout(np.zeros((4, 2)), o, (1, 1), (0, 0), "path") == [(1, 1), (0, 1), (0, 0)]
@@ -512,7 +531,7 @@ def test_loop_maze_separates_optimal_from_exact():
 
 def test_symmetries_give_valid_mazes_with_consistently_transformed_labels(maze8, cache8):
     for o, s, g in pool_mazes(maze8)[:10]:
-        y = data.labels(o, s, g)
+        y = data.first_class(data.labels(o, s, g))
         field = np.zeros((8, 8, 4), dtype=bool)  # the direction field as one-hot "open sides"
         field.reshape(64, 4)[y < 4, y[y < 4]] = True
         forms = set()
@@ -523,7 +542,7 @@ def test_symmetries_give_valid_mazes_with_consistently_transformed_labels(maze8,
             f2 = data.symmetry(field, s, g, k)[0]
             expected = np.where(f2.any(-1), f2.argmax(-1), -1).reshape(-1)
             expected[g2[0] * 8 + g2[1]] = data.GOAL_CLASS
-            assert np.array_equal(expected, data.labels(o2, s2, g2))
+            assert np.array_equal(expected, data.first_class(data.labels(o2, s2, g2)))
             forms.add(data.encode(o2, s2, g2).tobytes())
         assert len(forms) == 8
         assert data.symmetry(o, s, g, 0)[1:] == (s, g) and np.array_equal(data.symmetry(o, s, g, 0)[0], o)
@@ -855,7 +874,7 @@ def test_sample_maze_solves_larger_fresh_mazes_prints_and_draws(maze_run, tmp_pa
     total = sample_maze.main([str(maze_run), "--num-samples", "2", "--grid-n", "6", "--inner-steps", "4",
                               "--show-steps", "--diag", "--out", str(out)])
     text = capsys.readouterr().out
-    assert set(total) == {"reach", "optimal", "exact", "cell_acc"} and all(0 <= v <= 1 for v in total.values())
+    assert set(total) == {"reach", "optimal", "exact", "cell_acc", "unique"} and all(0 <= v <= 1 for v in total.values())
     # two 6x6 mazes of 13 lines each, 25 characters wide, each with its start and goal
     maze_lines = [line for line in text.splitlines() if len(line) == 25 and set(line) <= set("+-| SGx*o")]
     assert len(maze_lines) == 2 * 13 and text.count(" S ") == 2 and text.count(" G ") == 2
@@ -897,7 +916,7 @@ def test_evaluate_from_another_folder_uses_the_runs_cache_and_writes_no_new_pool
     result = evaluate.main([str(maze_run), "--n-test", "12"])
     assert sorted(os.listdir(cache)) == before and os.listdir(elsewhere) == []  # nothing generated, nothing left
     # the chance level: the same rollout on random scores, printed and returned beside the model's metrics
-    assert set(result["chance"]) == {"reach", "optimal", "exact", "cell_acc"}
+    assert set(result["chance"]) == {"reach", "optimal", "exact", "cell_acc", "unique"}
     assert 0 <= result["chance"]["optimal"] <= result["chance"]["reach"] <= 1
     assert "chance (random scores, same rollout): reach" in capsys.readouterr().out
 
@@ -1557,7 +1576,8 @@ def test_the_labelled_path_read_off_direction_labels_is_the_solved_shortest_path
     y = data.batch_labels(pool["open"], pool["start"], pool["dist"].astype(np.int64))
     for b in range(30):
         best = data.solve(pool["open"][b], tuple(pool["start"][b]), tuple(pool["goal"][b]))[1]
-        assert data.labelled_path(y[b], tuple(pool["start"][b]), 7) == best
+        path, unique = data.labelled_path(y[b], tuple(pool["start"][b]), 7)
+        assert path == best and (unique or generator != "gen_dfs")  # trees have one shortest path
 
 
 def test_a_users_own_mazes_are_encoded_and_scored_per_item_through_the_public_api(tmp_path):
@@ -1571,9 +1591,9 @@ def test_a_users_own_mazes_are_encoded_and_scored_per_item_through_the_public_ap
     model = tiny_maze_model("hrm", R=2)
     scored = train.evaluate(model, task, x, y, segments=2, per_item=True)
     items = scored["items"]
-    assert set(items) == {"reach", "optimal", "exact", "cell_acc"} and all(len(v) == 6 for v in items.values())
-    for k, v in items.items():  # the per-item values average to the reported means
-        assert sum(v) / 6 == pytest.approx(scored["per_segment"][-1][k])
+    assert set(items) == {"reach", "optimal", "exact", "cell_acc", "unique"} and all(len(v) == 6 for v in items.values())
+    for k, v in items.items():  # the per-item values average to the reported means (exact: where it is defined)
+        assert data.nan_mean(v) == pytest.approx(scored["per_segment"][-1][k], nan_ok=True)
     with pytest.raises(ValueError, match="no generator 'gen_nothing'"):
         data.generate_mazes(5, 2, 0, generator="gen_nothing")
     assert data.pool_file(5, 6, 7, "gen_dfs_percolation", {"p": 0.3}) != data.pool_file(5, 6, 7)

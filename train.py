@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import N_TRAIN, TASK_NAMES, make_task, pool_file
+from data import N_TRAIN, TASK_NAMES, make_task, nan_mean, pool_file
 from hrm_controller import anneal, temperature_at
 from model import CONTROLLERS, ModelConfig, PoHModel
 
@@ -192,6 +192,7 @@ def model_config(args, task):
         d_ctrl=args.d_ctrl, T=args.T, top_k=args.top_k, hard_route=args.hard_route, h_gate=args.h_gate,
         reset_controller=args.reset_controller, grad=args.grad, grad_steps=args.grad_steps, supervise=args.supervise,
         ponder_weight=args.ponder_weight, ponder_prior=args.ponder_prior, label_smoothing=args.label_smoothing,
+        label_sets=task_kind(args.task) == "maze",  # maze labels are bitmasks: every shortest move is right
         **(dict(output="biaffine", pad_token=0, n_tags=task.n_tags if args.upos == "gold" else 0)
            if task_kind(args.task) == "parse" else {}))
 
@@ -439,9 +440,9 @@ def evaluate(model, task, x, y, segments, n_steps=None, temperature=1.0, batch_s
       items        with per_item=True: the last segment's metrics per item, a list per metric, in the order of x.
     ablate: one of hrm_controller.ABLATIONS, to score the model with its routing replaced."""
     model.eval()
-    totals = [dict() for _ in range(segments)]
+    items = [dict() for _ in range(segments)]  # per segment, per metric: every item's value
+    totals = [dict() for _ in range(segments)]  # per segment: batch-level numbers, weighted by batch size
     usage = modal = None
-    items = {}
     gen = torch.Generator().manual_seed(0)  # the ablations' random draws: the same on every call
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
@@ -453,9 +454,9 @@ def evaluate(model, task, x, y, segments, n_steps=None, temperature=1.0, batch_s
                 out = model(xb, state=state, temperature=temperature, grid=task.grid, n_steps=n_steps,
                             ablate=ablate, ablate_gen=gen)
             state, parts, last = out["state"], out["parts"], s == segments - 1
-            per = task.metrics(out["logits"], xb, yb, per_item=True)
-            scores = {k: sum(v) / len(v) for k, v in per.items()}
-            scores["steps_used"] = float(parts["steps_used"])
+            for k, v in task.metrics(out["logits"], xb, yb, per_item=True).items():
+                items[s].setdefault(k, []).extend(v)
+            scores = {"steps_used": float(parts["steps_used"])}
             if "usage" in parts:
                 scores["head_min"] = float(parts["usage"].min())
                 scores["modal_max"] = float(parts["modal_share"].max())
@@ -463,16 +464,16 @@ def evaluate(model, task, x, y, segments, n_steps=None, temperature=1.0, batch_s
                     w = len(xb) / len(x)
                     usage = parts["usage"].cpu() * w + (usage if usage is not None else 0)
                     modal = parts["modal_share"].cpu() * w + (modal if modal is not None else 0)
-            if last and per_item:
-                for k, v in per.items():
-                    items.setdefault(k, []).extend(v)
             for k, v in scores.items():
                 totals[s][k] = totals[s].get(k, 0.0) + v * len(xb)
     model.train()
-    result = {"per_segment": [{k: v / len(x) for k, v in t.items()} for t in totals],
+    # means over items; a metric an item has no value for (NaN: exact for a maze without a unique path) is left out
+    per_segment = [{**{k: nan_mean(v) for k, v in it.items()}, **{k: v / len(x) for k, v in t.items()}}
+                   for it, t in zip(items, totals)]
+    result = {"per_segment": per_segment,
               "routing": None if usage is None else {"usage": usage.tolist(), "modal_share": modal.tolist()}}
     if per_item:
-        result["items"] = items
+        result["items"] = items[-1]
     return result
 
 
