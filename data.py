@@ -552,7 +552,7 @@ class SortTask:
 
 
 def make_task(name, *, seed=0, n_train=None, n_val=None, n_test=None, cache_dir="data_cache",
-              target="direction", augment=True, progress=True, upos=False):
+              target="direction", augment=True, progress=True, upos=False, generator=GENERATOR, gen_kwargs=None):
     """Build a task by name: mazeN (3 <= N <= 64), sortN or sortN-visible (2 <= N <= 64), or ud_ewt (dependency
     parsing, parsing.ParseTask; cache_dir is the folder with the treebank's files)."""
     if name == "ud_ewt":
@@ -562,7 +562,7 @@ def make_task(name, *, seed=0, n_train=None, n_val=None, n_test=None, cache_dir=
     if maze and 3 <= int(maze[1]) <= 64:
         sizes = {k: v for k, v in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)) if v is not None}
         return MazeTask(name, int(maze[1]), seed=seed, cache_dir=cache_dir, target=target, augment=augment,
-                        progress=progress, **sizes)
+                        progress=progress, generator=generator, gen_kwargs=gen_kwargs, **sizes)
     if sort and 2 <= int(sort[1]) <= 64:
         sizes = {k: v for k, v in (("n_val", n_val), ("n_test", n_test)) if v is not None}
         return SortTask(name, int(sort[1]), hidden=sort[2] is None, seed=seed, **sizes)

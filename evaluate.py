@@ -7,6 +7,7 @@ with more inner steps and segments (size generalisation), or an old run under ne
     python evaluate.py runs/maze12-hrm-s0 --task maze24 --inner-steps 16 --segments 12 --out gen24.json
     python evaluate.py runs/maze12-hrm-s0 --ablate-routing shuffle          # does the per-token routing matter?
     python evaluate.py runs/maze12-hrm-s0 --task maze24 --segments auto     # as many segments as each maze needs
+    python evaluate.py runs/maze12-hrm-s0 --generator gen_dfs_percolation --gen-arg p=0.1   # mazes with loops
 
 Defaults: the checkpoint's task, inner steps, segments and training temperature, and the test split of its data
 seed (the same items train.py's test.json was measured on; other maze sizes get their own cached pools from the
@@ -84,12 +85,16 @@ def get_parser():
     p.add_argument("--ablate-routing", default=None, choices=ABLATIONS,
                    help="replace the controller's head weights: uniform (all heads), shuffle (another token's "
                         "weights, same sample) or fixed (the most common head set for every token)")
+    p.add_argument("--generator", default=None, help="mazes: score on mazes of this maze-dataset generator "
+                   "(e.g. gen_dfs_percolation, gen_wilson; default: the training data's, gen_dfs)")
+    p.add_argument("--gen-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="an argument of --generator, e.g. p=0.1 (loop density of gen_dfs_percolation); repeatable")
     p.add_argument("--out", default=None, help="write the result here as JSON")
     return p
 
 
 def score(path, task_name=None, inner_steps=None, segments=None, n_test=1000, data_dir=None,
-          batch_size=128, device="cpu", ablate=None):
+          batch_size=128, device="cpu", ablate=None, generator=None, gen_kwargs=None):
     """Returns {"task", "inner_steps", "segments", "temperature", "ablate", "n_test", **final segment metrics,
     "per_segment": [...], "routing": last segment's per-step head usage or None, "chance": {...}}; with
     segments="auto" also "segments_used" (mean), "segments_max", "segment_cap" and "segments_per_item", and
@@ -105,12 +110,15 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=1000, da
         raise ValueError(f"{path} was trained on {own}; it cannot be scored on {task_name}")
     # the training and validation pools only serve the overlap check here: the run's own (already cached) for its
     # own task, so the test items are exactly train.py's; for another size a small training pool and no validation
-    same = task_name == own
+    same = task_name == own and generator is None
+    if generator is not None and not task_name.startswith("maze"):
+        raise ValueError("--generator applies to maze tasks only")
     task = data.make_task(task_name, seed=config.get("data_seed", 0), n_train=config.get("n_train") if same else 100,
                           n_val=config.get("n_val") if same else 0, n_test=n_test,
                           cache_dir=data_dir or train.run_data_dir(config, path),
                           target=config.get("target", "direction"), progress=False,
-                          upos=config.get("upos") == "gold")
+                          upos=config.get("upos") == "gold", generator=generator or data.GENERATOR,
+                          gen_kwargs=gen_kwargs)
     if (task.vocab_size, task.n_classes) != (model.cfg.vocab_size, model.cfg.n_classes):
         raise ValueError(f"{task_name} has {task.n_classes} classes over {task.vocab_size} tokens, the model "
                          f"{model.cfg.n_classes} over {model.cfg.vocab_size} (a sorting model has a fixed length)")
@@ -137,6 +145,8 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=1000, da
     chance = (task.chance(x, y) if hasattr(task, "chance") else
               task.reference_metrics(x, y, fill="zero") if hasattr(task, "reference_metrics") else None)
     return {"checkpoint": path, "step": ckpt.get("step"), "task": task_name, "inner_steps": inner_steps,
+            "generator": data.generator_name(generator or data.GENERATOR, gen_kwargs) if task_name.startswith("maze")
+            else None,
             "segments": segments, "temperature": temperature, "ablate": ablate, "n_test": len(x), **per_seg[-1],
             "per_segment": per_seg, "routing": routing, "chance": chance, **extra}
 
@@ -150,12 +160,23 @@ def main(argv=None):
     for flag, value in (("--inner-steps", args.inner_steps), ("--n-test", args.n_test)):
         if value is not None and value < 1:
             raise SystemExit(f"error: {flag} must be >= 1, got {value}")
+    gen_kwargs = {}
+    for item in args.gen_arg:  # KEY=VALUE, the value read as a number where it is one
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --gen-arg takes KEY=VALUE, got {item!r}")
+        try:
+            gen_kwargs[key] = float(value) if "." in value or "e" in value.lower() else int(value)
+        except ValueError:
+            gen_kwargs[key] = value
     try:
         result = score(args.checkpoint, args.task, args.inner_steps, args.segments, args.n_test, args.data_dir,
-                       args.batch_size, train.pick_device(args.device), args.ablate_routing)
-    except (FileNotFoundError, ValueError) as exc:
+                       args.batch_size, train.pick_device(args.device), args.ablate_routing, args.generator,
+                       gen_kwargs or None)
+    except (FileNotFoundError, ValueError, TypeError) as exc:  # TypeError: an argument the generator does not take
         raise SystemExit(f"error: {exc}") from None
-    print(f"{result['checkpoint']} (step {result['step']}) on {result['task']}: {result['n_test']} test items, "
+    print(f"{result['checkpoint']} (step {result['step']}) on {result['task']}"
+          + (f" ({result['generator']})" if result["generator"] else "") + f": {result['n_test']} test items, "
           f"{result['segments']} segments x {result['inner_steps']} inner steps, temperature "
           f"{result['temperature']:.3f}" + (f", routing ablated: {args.ablate_routing}" if args.ablate_routing else ""))
     if result["segments"] == "auto":

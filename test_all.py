@@ -1798,3 +1798,13 @@ def test_without_the_treebank_files_or_a_network_the_parsing_task_says_where_to_
     with pytest.raises(SystemExit) as exc:
         train.main(["--task", "ud_ewt", "--data-dir", str(tmp_path / "ud"), "--out-dir", str(tmp_path / "run")])
     assert str(exc.value.code).startswith("error: could not download") and "\n" not in str(exc.value.code)
+
+
+def test_evaluate_scores_mazes_of_another_generator_with_loops(maze_run, capsys):
+    result = evaluate.main([str(maze_run), "--generator", "gen_dfs_percolation", "--gen-arg", "p=0.4", "--n-test", "20"])
+    assert result["generator"] == "gen_dfs_percolation-p0.4" and "(gen_dfs_percolation-p0.4)" in capsys.readouterr().out
+    assert 0 <= result["unique"] < 1 and 0 <= result["optimal"] <= result["reach"] <= 1  # loops: some ties
+    for argv, message in [(["--gen-arg", "p"], "KEY=VALUE"), (["--generator", "gen_nothing"], "no generator"),
+                          (["--generator", "gen_dfs_percolation", "--gen-arg", "q=1"], "error:")]:
+        with pytest.raises(SystemExit, match=message):
+            evaluate.main([str(maze_run), "--n-test", "4", *argv])
