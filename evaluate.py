@@ -8,6 +8,7 @@ with more inner steps and segments (size generalisation), or an old run under ne
     python evaluate.py runs/maze12-hrm-s0 --ablate-routing shuffle          # does the per-token routing matter?
     python evaluate.py runs/maze12-hrm-s0 --task maze24 --segments auto     # as many segments as each maze needs
     python evaluate.py runs/maze12-hrm-s0 --generator gen_dfs_percolation --gen-arg p=0.1   # mazes with loops
+    python evaluate.py runs/maze12-hrm-s0 --segments 32 --plot segments.png   # accuracy against segments
 
 Defaults: the checkpoint's task, inner steps, segments and training temperature, and the test split of its data
 seed (the same items train.py's test.json was measured on; other maze sizes get their own cached pools from the
@@ -89,6 +90,7 @@ def get_parser():
                    "(e.g. gen_dfs_percolation, gen_wilson; default: the training data's, gen_dfs)")
     p.add_argument("--gen-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="an argument of --generator, e.g. p=0.1 (loop density of gen_dfs_percolation); repeatable")
+    p.add_argument("--plot", default=None, help="mazes: draw reach and optimal against segments into this PNG")
     p.add_argument("--out", default=None, help="write the result here as JSON")
     return p
 
@@ -192,6 +194,10 @@ def main(argv=None):
     if result["chance"]:
         what = "chance (random scores, same rollout)" if result["task"].startswith("maze") else "reference (hidden at 0)"
         print(f"  {what}: " + " ".join(f"{k} {v:.4f}" for k, v in result["chance"].items()))
+    if args.plot and result["task"].startswith("maze") and result["segments"] != "auto":
+        import plots  # here: matplotlib only when a picture is asked for
+        title = f"{result['task']} ({result['generator']}), {result['n_test']} mazes"
+        print(f"wrote {plots.segments_plot(result['per_segment'], args.plot, title)}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

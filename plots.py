@@ -227,6 +227,22 @@ def sweep_plot(rows, flag, metric, out_png):
     return out_png
 
 
+def segments_plot(per_segment, out_png, title=""):
+    """Held-out reach and optimal rate against the number of segments run (evaluate.py --plot): a model whose
+    iteration is stable keeps its accuracy when run for more segments than it needs (no overthinking)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    xs = range(1, len(per_segment) + 1)
+    for i, key in enumerate(("reach", "optimal")):
+        ax.plot(xs, [seg[key] for seg in per_segment], marker=".", color=f"C{i}", ls=("-", "--")[i], label=key)
+    ax.set(xlabel="segments", ylabel="share of held-out mazes", ylim=(0, 1.02))
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=DPI)
+    plt.close(fig)
+    return out_png
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Plot a run's training curves from its metrics.jsonl.")
     p.add_argument("run_dir", help="a train.py output folder")

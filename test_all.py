@@ -1801,7 +1801,9 @@ def test_without_the_treebank_files_or_a_network_the_parsing_task_says_where_to_
 
 
 def test_evaluate_scores_mazes_of_another_generator_with_loops(maze_run, capsys):
-    result = evaluate.main([str(maze_run), "--generator", "gen_dfs_percolation", "--gen-arg", "p=0.4", "--n-test", "20"])
+    result = evaluate.main([str(maze_run), "--generator", "gen_dfs_percolation", "--gen-arg", "p=0.4", "--n-test", "20",
+                            "--plot", str(maze_run.parent / "segments.png")])
+    assert_png(maze_run.parent / "segments.png")  # reach and optimal against segments
     assert result["generator"] == "gen_dfs_percolation-p0.4" and "(gen_dfs_percolation-p0.4)" in capsys.readouterr().out
     assert 0 <= result["unique"] < 1 and 0 <= result["optimal"] <= result["reach"] <= 1  # loops: some ties
     for argv, message in [(["--gen-arg", "p"], "KEY=VALUE"), (["--generator", "gen_nothing"], "no generator"),
