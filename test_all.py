@@ -1810,3 +1810,14 @@ def test_evaluate_scores_mazes_of_another_generator_with_loops(maze_run, capsys)
                           (["--generator", "gen_dfs_percolation", "--gen-arg", "q=1"], "error:")]:
         with pytest.raises(SystemExit, match=message):
             evaluate.main([str(maze_run), "--n-test", "4", *argv])
+
+
+def test_the_pretrained_maze_model_loads_and_solves_fresh_maze12_mazes():
+    path = os.path.join(REPO, "pretrained", "maze12-hrm")
+    assert os.path.getsize(os.path.join(path, "best.pt")) < 2**20  # under 1 MB, as committed
+    model, ckpt = train.load_checkpoint(train.checkpoint_file(path))
+    x, y, _ = sample_maze.fresh_mazes(12, 100, seed=0, target="direction")
+    task = type("T", (), {"grid": (12, 12), "metrics": staticmethod(data.maze_metrics)})
+    scored = train.evaluate(model, task, x, y, ckpt["config"]["segments"], temperature=train.checkpoint_temperature(ckpt))
+    assert scored["per_segment"][-1]["optimal"] >= 0.99
+    assert json.load(open(os.path.join(path, "test.json")))["optimal"] > 0.99
