@@ -65,21 +65,6 @@ def decode(tokens, n):
     return open_sides, start, goal
 
 
-def direction_field(open_sides, dist):
-    """Move toward the goal per cell from BFS distances, batched: (..., n, n, 4), (..., n, n) -> (..., n, n)."""
-    n = dist.shape[-1]
-    pad = [(0, 0)] * (dist.ndim - 2) + [(1, 1), (1, 1)]
-    padded = np.pad(dist, pad, constant_values=-2)  # -2: off-grid neighbours never count as one step closer
-    y = np.full(dist.shape, IGNORE, dtype=np.int64)
-    # going from W back to N lets the lowest direction index win ties
-    for d in (3, 2, 1, 0):
-        dr, dc = MOVES[d]
-        nb = padded[..., 1 + dr:1 + dr + n, 1 + dc:1 + dc + n]
-        y[open_sides[..., d] & (dist > 0) & (nb == dist - 1)] = d
-    y[dist == 0] = GOAL_CLASS
-    return y
-
-
 def solve(open_sides, start, goal):
     """BFS from the goal: dist (n, n) in moves (-1 if unreachable) and the shortest path start..goal as cells.
 
@@ -128,6 +113,12 @@ def first_class(y):
     y = np.asarray(y)
     lowest = np.where(y > 0, y & -y, 1)  # the lowest set bit
     return np.where(y > 0, np.log2(lowest).astype(np.int64), IGNORE)
+
+
+def direction_field(open_sides, dist):
+    """One move toward the goal per cell from BFS distances, batched: (..., n, n, 4), (..., n, n) -> (..., n, n):
+    the lowest of the equally short moves of shortest_moves (GOAL_CLASS at the goal, IGNORE where unreachable)."""
+    return first_class(shortest_moves(open_sides, dist))
 
 
 def batch_labels(open_sides, start, dist, target="direction"):

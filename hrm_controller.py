@@ -67,15 +67,21 @@ def balance_loss(alpha, p):
     return H * (f * P).sum()
 
 
+def head_sets(alpha):
+    """(keep (T, H) bool, sets (T,) long) over all T tokens of alpha (..., H): the kept heads, and each token's kept
+    set as one bit pattern (so tokens with the same set have the same number)."""
+    H = alpha.shape[-1]
+    keep = kept_heads(alpha).reshape(-1, H)
+    return keep, (keep.long() << torch.arange(H, device=alpha.device)).sum(1)
+
+
 @torch.no_grad()
 def routing_stats(alpha):
     """How varied the routing is, over all tokens of alpha (..., H): usage (H,) the share of tokens that keep
     each head, and modal_share, the share of tokens that keep the most common head set. Collapsed routing has a
     modal share near 1 and heads with usage near 0."""
-    H = alpha.shape[-1]
-    keep = kept_heads(alpha).reshape(-1, H)
-    sets = (keep.long() << torch.arange(H, device=alpha.device)).sum(1)  # each kept set as a bit pattern
-    return keep.float().mean(0), sets.bincount(minlength=2 ** H).max().float() / len(sets)
+    keep, sets = head_sets(alpha)
+    return keep.float().mean(0), sets.bincount(minlength=2 ** alpha.shape[-1]).max().float() / len(sets)
 
 
 ABLATIONS = ("uniform", "shuffle", "fixed")
@@ -95,9 +101,7 @@ def ablate_alpha(alpha, how, gen=None):
         perm = torch.rand(B, N, generator=gen).argsort(1).to(alpha.device)  # (B, N): where each token's alpha comes from
         return alpha.gather(1, perm[:, :, None].expand(B, N, H))
     if how == "fixed":
-        keep = kept_heads(alpha).reshape(-1, H)
-        sets = (keep.long() << torch.arange(H, device=alpha.device)).sum(1)
-        modal = sets.bincount(minlength=2 ** H).argmax()
+        modal = head_sets(alpha)[1].bincount(minlength=2 ** H).argmax()
         m = ((modal >> torch.arange(H, device=alpha.device)) & 1).to(alpha.dtype)  # (H,) the modal set
         return (m / m.sum()).expand(B, N, H).clone()
     raise ValueError(f"ablation must be one of {', '.join(ABLATIONS)}, got {how!r}")
