@@ -286,6 +286,43 @@ def generator_name(generator=GENERATOR, gen_kwargs=None):
     return generator + "".join(f"-{k}{v}" for k, v in sorted((gen_kwargs or {}).items()))
 
 
+def parse_kinds(spec):
+    """A mixture of maze kinds from text: comma-separated generator[:key=value...] ->
+    [(generator, gen_kwargs), ...]; "gen_dfs,gen_dfs_percolation:p=0.1" is perfect mazes and mazes with loops.
+    Values are read as numbers where they are numbers."""
+    kinds = []
+    for part in spec.split(","):
+        name, *args = part.strip().split(":")
+        kwargs = {}
+        for arg in args:
+            key, eq, value = arg.partition("=")
+            if not eq or not key:
+                raise ValueError(f"maze kind {part!r}: arguments are key=value, got {arg!r}")
+            try:
+                kwargs[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+            except ValueError:
+                kwargs[key] = value
+        if not name:
+            raise ValueError(f"empty maze kind in {spec!r}")
+        kinds.append((name, kwargs))
+    return kinds
+
+
+def mix_parts(count, seed, kinds):
+    """How a pool of `count` mazes is split across kinds: [(count, seed, generator, gen_kwargs), ...], evenly (the
+    first kinds take the remainder); one kind keeps the pool's own seed, so a perfect-maze pool is what it always
+    was. Otherwise part j has seed * 100 + j, a stream of its own (a percolation maze starts as a DFS maze)."""
+    if len(kinds) == 1:
+        return [(count, seed, *kinds[0])]
+    return [(count // len(kinds) + (j < count % len(kinds)), seed * 100 + j, g, kw) for j, (g, kw) in enumerate(kinds)]
+
+
+def load_mix(n, count, seed, cache_dir="data_cache", progress=True, kinds=((GENERATOR, None),)):
+    """load_mazes for a mixture of kinds [(generator, gen_kwargs), ...]: each part cached on its own, then joined."""
+    parts = [load_mazes(n, c, s, cache_dir, progress, g, kw) for c, s, g, kw in mix_parts(count, seed, kinds)]
+    return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+
+
 def maze_dataset_chunk(n, count, seed, generator=GENERATOR, gen_kwargs=None):
     """`count` SolvedMazes from maze-dataset, serial (the parallel path is not reproducible), nothing saved.
     generator: a LatticeMazeGenerators method name (gen_dfs, gen_dfs_percolation, gen_wilson, ...), gen_kwargs its
@@ -382,17 +419,19 @@ def drop_overlap(pool, seen_keys, what="held-out"):
 
 class MazeTask:
     """Mazes of one size: a cached training pool sampled with symmetries, and fixed val / test sets.
-    generator / gen_kwargs pick maze-dataset's generator for every pool (default: perfect DFS mazes)."""
+    generator / gen_kwargs pick maze-dataset's generator for every pool (default: perfect DFS mazes); kinds, a
+    list of (generator, gen_kwargs) as parse_kinds gives, makes every pool an even mixture of them instead."""
 
     def __init__(self, name, n, *, seed=0, n_train=N_TRAIN, n_val=1000, n_test=1000, cache_dir="data_cache",
-                 target="direction", augment=True, progress=True, generator=GENERATOR, gen_kwargs=None):
+                 target="direction", augment=True, progress=True, generator=GENERATOR, gen_kwargs=None, kinds=None):
         if target not in ("direction", "path"):
             raise ValueError(f"unknown target {target!r}; use 'direction' or 'path'")
         self.name, self.n, self.target, self.augment = name, n, target, augment
         self.vocab_size, self.n_classes = 48, 5 if target == "direction" else 2
         self.grid, self.seq_len = (n, n), n * n
         # three seeds per task seed: the sets come from disjoint random streams
-        self.pools = {s: load_mazes(n, count, 3 * seed + i, cache_dir, progress, generator, gen_kwargs)
+        kinds = kinds or [(generator, gen_kwargs)]
+        self.pools = {s: load_mix(n, count, 3 * seed + i, cache_dir, progress, kinds)
                       for i, (s, count) in enumerate((("train", n_train), ("val", n_val), ("test", n_test)))}
         # and are made disjoint for real, symmetries included (only tiny grids ever repeat a maze)
         seen = set(canonical_keys(*(self.pools["train"][k] for k in ("open", "start", "goal"))))
@@ -543,7 +582,8 @@ class SortTask:
 
 
 def make_task(name, *, seed=0, n_train=None, n_val=None, n_test=None, cache_dir="data_cache",
-              target="direction", augment=True, progress=True, upos=False, generator=GENERATOR, gen_kwargs=None):
+              target="direction", augment=True, progress=True, upos=False, generator=GENERATOR, gen_kwargs=None,
+              kinds=None):
     """Build a task by name: mazeN (3 <= N <= 64), sortN or sortN-visible (2 <= N <= 64), or ud_ewt (dependency
     parsing, parsing.ParseTask; cache_dir is the folder with the treebank's files)."""
     if name == "ud_ewt":
@@ -553,7 +593,7 @@ def make_task(name, *, seed=0, n_train=None, n_val=None, n_test=None, cache_dir=
     if maze and 3 <= int(maze[1]) <= 64:
         sizes = {k: v for k, v in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)) if v is not None}
         return MazeTask(name, int(maze[1]), seed=seed, cache_dir=cache_dir, target=target, augment=augment,
-                        progress=progress, generator=generator, gen_kwargs=gen_kwargs, **sizes)
+                        progress=progress, generator=generator, gen_kwargs=gen_kwargs, kinds=kinds, **sizes)
     if sort and 2 <= int(sort[1]) <= 64:
         sizes = {k: v for k, v in (("n_val", n_val), ("n_test", n_test)) if v is not None}
         return SortTask(name, int(sort[1]), hidden=sort[2] is None, seed=seed, **sizes)

@@ -120,7 +120,8 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=1000, da
                           cache_dir=data_dir or train.run_data_dir(config, path),
                           target=config.get("target", "direction"), progress=False,
                           upos=config.get("upos") == "gold", generator=generator or data.GENERATOR,
-                          gen_kwargs=gen_kwargs)
+                          gen_kwargs=gen_kwargs,  # the run's own mix of maze kinds unless --generator names one
+                          kinds=None if generator else data.parse_kinds(config.get("mazes", data.GENERATOR)))
     if (task.vocab_size, task.n_classes) != (model.cfg.vocab_size, model.cfg.n_classes):
         raise ValueError(f"{task_name} has {task.n_classes} classes over {task.vocab_size} tokens, the model "
                          f"{model.cfg.n_classes} over {model.cfg.vocab_size} (a sorting model has a fixed length)")
@@ -147,8 +148,8 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=1000, da
     chance = (task.chance(x, y) if hasattr(task, "chance") else
               task.reference_metrics(x, y, fill="zero") if hasattr(task, "reference_metrics") else None)
     return {"checkpoint": path, "step": ckpt.get("step"), "task": task_name, "inner_steps": inner_steps,
-            "generator": data.generator_name(generator or data.GENERATOR, gen_kwargs) if task_name.startswith("maze")
-            else None,
+            "generator": (data.generator_name(generator, gen_kwargs) if generator else config.get("mazes", data.GENERATOR))
+            if task_name.startswith("maze") else None,
             "segments": segments, "temperature": temperature, "ablate": ablate, "n_test": len(x), **per_seg[-1],
             "per_segment": per_seg, "routing": routing, "chance": chance, **extra}
 

@@ -9,6 +9,9 @@ Two variants share one class:
 The third controller of the A/B, `none`, is not a module at all: model.py then uses uniform head weights.
 
 The state is per token: z_L, z_H have shape (B, N, d_ctrl); the GRU cells run on the flattened (B*N, .) tokens.
+The controller reads each token's state and, through a learned projection, a short periodic code of where the
+token is (position_code): identical tokens (the hidden values of sorting, the corridors of a maze) can then start
+with different heads instead of one shared head set.
 Routing: logits -> p = softmax(logits / temperature) -> keep the top-k per token, renormalise. With hard routing
 the forward value is the hard top-k (m / k) while the gradient is the soft one (straight-through), so every
 head's logit keeps learning. Top-k saves no FLOPs here: every head is still computed.
@@ -16,6 +19,7 @@ head's logit keeps learning. Top-k saves no FLOPs here: every head is still comp
 Nothing to run on its own; `python -m pytest -q test_all.py -k controller` tests it.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +37,21 @@ class ControllerConfig:
     top_k: int = 2  # heads kept per token
     hard_route: bool = False  # straight-through hard top-k instead of renormalised soft top-k
     h_gate: str = "fixed"  # "fixed" (period T) or "learned" (sigmoid gate on every step)
+    where: bool = True  # also read position_code (False: checkpoints from before it existed)
+
+
+POSITION_PERIODS = (2, 3, 4, 5)  # short periods: the code repeats, so it means the same on a grid of any size
+
+
+def position_code(grid, device=None):
+    """(N, 4 * len(POSITION_PERIODS)) cos and sin of row and column at each period, minus their mean over the
+    grid: a constant part would add the same bias to every token (on a 1-row grid the row terms vanish)."""
+    h, w = grid
+    idx = torch.arange(h * w, device=device)
+    angles = torch.cat([(idx // w)[:, None] / torch.tensor(POSITION_PERIODS, device=device),
+                        (idx % w)[:, None] / torch.tensor(POSITION_PERIODS, device=device)], 1) * (2 * math.pi)
+    code = torch.cat([angles.cos(), angles.sin()], 1)
+    return code - code.mean(0)
 
 
 def route(logits, temperature, top_k, hard):
@@ -133,6 +152,7 @@ class Controller(nn.Module):
         self.cfg = cfg
         c = cfg.d_ctrl
         self.inp = nn.Sequential(nn.LayerNorm(cfg.d_model), nn.Linear(cfg.d_model, c))  # u_t per token
+        self.where = nn.Linear(4 * len(POSITION_PERIODS), c, bias=False) if cfg.where else None
         if cfg.kind == "hrm":
             self.f_H = nn.GRUCell(2 * c, c)  # slow: reads [u_t, z_L]
             self.f_L = nn.GRUCell(2 * c, c)  # fast: reads [u_t, z_H]
@@ -148,12 +168,16 @@ class Controller(nn.Module):
         z = torch.zeros(B, N, self.cfg.d_ctrl, device=device)
         return {"z_L": z, "z_H": z.clone()} if self.cfg.kind == "hrm" else {"z_L": z}
 
-    def forward(self, x, state, t, temperature=1.0):
-        """x (B, N, d_model) token states; state dict of (B, N, d_ctrl); t the inner step index.
-        Returns alpha (B, N, H), p (B, N, H), the new state, and how much z_H was updated (1.0, 0.0 or the gate)."""
+    def forward(self, x, state, t, temperature=1.0, grid=None):
+        """x (B, N, d_model) token states; state dict of (B, N, d_ctrl); t the inner step index; grid (h, w) with
+        h * w = N, default (1, N). Returns alpha (B, N, H), p (B, N, H), the new state, and how much z_H was
+        updated (1.0, 0.0 or the gate)."""
         B, N, _ = x.shape
         cfg = self.cfg
-        u = self.inp(x).reshape(B * N, -1)  # (B*N, c): tokens flattened for the GRU cells
+        u = self.inp(x)
+        if self.where is not None:
+            u = u + self.where(position_code(grid or (1, N), x.device).to(u.dtype))
+        u = u.reshape(B * N, -1)  # (B*N, c): tokens flattened for the GRU cells
         z_L = state["z_L"].reshape(B * N, -1)
         if cfg.kind == "hrm":
             z_H = state["z_H"].reshape(B * N, -1)

@@ -51,6 +51,7 @@ class ModelConfig:
     top_k: int = 2  # heads kept per token
     hard_route: bool = False  # straight-through hard top-k
     h_gate: str = "fixed"  # "fixed" period T or "learned" gate for z_H
+    ctrl_where: bool = True  # the controller also reads a periodic position code (hrm_controller.position_code)
     reset_controller: bool = False  # zero z_L/z_H at the start of every forward instead of carrying them
     grad: str = "bptt"  # "bptt" or "tbptt"
     grad_steps: int = 2  # with tbptt: the last grad_steps inner steps carry gradient
@@ -158,11 +159,15 @@ class PoHModel(nn.Module):
         if cfg.controller in ("hrm", "poh"):
             self.controller = Controller(ControllerConfig(
                 kind=cfg.controller, d_model=cfg.d_model, n_heads=cfg.n_heads, d_ctrl=cfg.d_ctrl, T=cfg.T,
-                top_k=cfg.top_k, hard_route=cfg.hard_route, h_gate=cfg.h_gate))
+                top_k=cfg.top_k, hard_route=cfg.hard_route, h_gate=cfg.h_gate, where=cfg.ctrl_where))
         self.halt = nn.Linear(cfg.d_model, 1) if cfg.ponder_weight > 0 else None
         self.apply(self._init_weights)
         if self.halt is not None:  # special case: start halting at the prior's per-step probability
             nn.init.constant_(self.halt.bias, math.log(cfg.ponder_prior / (1 - cfg.ponder_prior)))
+        if self.controller is not None and self.controller.where is not None:
+            # special case: the position code (unit entries) must move the router about as much as the token
+            # state does, or identical tokens still share one head set at step 0 (0.02 leaves sort12 collapsed)
+            nn.init.normal_(self.controller.where.weight, std=self.controller.where.in_features ** -0.5)
         if verbose:
             n_ctrl = sum(p.numel() for p in self.controller.parameters()) if self.controller else 0
             print(f"model: {self.num_params():,} parameters ({n_ctrl:,} in the {cfg.controller} controller)")
@@ -231,7 +236,7 @@ class PoHModel(nn.Module):
         for t in range(R):
             with torch.set_grad_enabled(torch.is_grad_enabled() and t >= first_grad):
                 if self.controller is not None:
-                    alpha, p, ctrl, h_update = self.controller(h + e, ctrl, t, temperature)
+                    alpha, p, ctrl, h_update = self.controller(h + e, ctrl, t, temperature, grid)
                     if ablate is not None:
                         alpha = ablate_alpha(alpha, ablate, ablate_gen)
                 elif cfg.controller == "fixed":  # heads 0..top_k-1 for every token, no router

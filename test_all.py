@@ -1420,20 +1420,39 @@ def recipe_model_and_batch(task_name, seed):
 @pytest.mark.parametrize("task_name", ["maze12", "sort12"])
 def test_routing_at_initialisation_is_per_token_not_one_head_set(task_name):
     # before the GRU biases were zeroed, every token kept the same heads at most steps (modal share 0.95-1.0) and
-    # one head was kept by no token at all. Now every head is kept by some tokens at every step and no head set
-    # covers most tokens; averaged over seeds the thresholds hold (modal <= 0.5, every head >= 0.15 on mazes)
-    modal, least = [], []
-    for seed in range(4):
+    # one head was kept by no token at all; with zero biases alone one maze seed in five and every sort12 seed still
+    # missed (sort12: the six identical hidden-value tokens shared one set). With the position code every seed
+    # meets the thresholds at every inner step: the most common set <= 0.5 of tokens, every head >= 0.15
+    for seed in range(5):
         model, x, grid, args = recipe_model_and_batch(task_name, seed)
         with torch.no_grad():
             parts = model(x, grid=grid, temperature=args.temp_start)["parts"]
         assert parts["usage"].shape == (args.R, args.n_heads)
         torch.testing.assert_close(parts["usage"].sum(1), torch.full((args.R,), float(args.top_k)))  # k kept each
-        assert parts["usage"].min() > 0.05 and parts["modal_share"].max() < 0.75, seed
-        modal.append(float(parts["modal_share"].max()))
-        least.append(float(parts["usage"].min()))
-    if task_name.startswith("maze"):
-        assert np.mean(modal) <= 0.5 and np.mean(least) >= 0.15, (modal, least)
+        assert parts["modal_share"].max() <= 0.5 and parts["usage"].min() >= 0.15, (seed, parts["modal_share"],
+                                                                                  parts["usage"])
+
+
+def test_position_code_is_centred_periodic_and_old_checkpoints_load_without_it(tmp_path):
+    from hrm_controller import POSITION_PERIODS, position_code
+    code = position_code((6, 10))
+    assert code.shape == (60, 4 * len(POSITION_PERIODS))
+    torch.testing.assert_close(code.mean(0), torch.zeros(code.shape[1]), atol=1e-6, rtol=0)
+    assert torch.allclose(position_code((1, 12))[:, :len(POSITION_PERIODS)], torch.zeros(12, len(POSITION_PERIODS)))
+    # rows 0 and 60 (the longest period product) of a tall grid get the same code before centring
+    tall = position_code((61, 1))
+    torch.testing.assert_close(tall[0], tall[60])
+    # the code changes the routing of identical tokens: same token everywhere, different heads by position
+    m = tiny_maze_model("hrm", R=2, T=1)
+    torch.nn.init.normal_(m.controller.where.weight, std=1.0)
+    alpha = m(torch.full((1, 16), 3), grid=(4, 4), trace=True)["trace"][0]["alpha"]
+    assert len(set(map(tuple, (alpha[0] > 0).tolist()))) > 1
+    # a checkpoint saved before the code existed has no ctrl_where in its config and no where weight: it loads
+    m_old = PoHModel(ModelConfig(vocab_size=48, n_classes=5, d_model=32, n_heads=4, ctrl_where=False), verbose=False)
+    args = {k: v for k, v in asdict(m_old.cfg).items() if k != "ctrl_where"}
+    torch.save({"model": m_old.state_dict(), "model_args": args}, tmp_path / "old.pt")
+    loaded, _ = train.load_checkpoint(str(tmp_path / "old.pt"))
+    assert loaded.controller.where is None
 
 
 def test_balance_loss_is_one_when_even_larger_when_collapsed_and_its_gradient_reaches_the_router():
@@ -1821,3 +1840,28 @@ def test_the_pretrained_maze_model_loads_and_solves_fresh_maze12_mazes():
     scored = train.evaluate(model, task, x, y, ckpt["config"]["segments"], temperature=train.checkpoint_temperature(ckpt))
     assert scored["per_segment"][-1]["optimal"] >= 0.99
     assert json.load(open(os.path.join(path, "test.json")))["optimal"] > 0.99
+
+
+def test_a_mix_of_maze_kinds_trains_and_evaluates_on_the_same_mix(tmp_path, capsys):
+    assert data.parse_kinds("gen_dfs, gen_dfs_percolation:p=0.1:q=x") == [
+        ("gen_dfs", {}), ("gen_dfs_percolation", {"p": 0.1, "q": "x"})]
+    for bad in ("gen_dfs:p", "gen_dfs,,gen_dfs", ":p=1"):
+        with pytest.raises(ValueError):
+            data.parse_kinds(bad)
+    kinds = data.parse_kinds("gen_dfs,gen_dfs_percolation:p=0.4,gen_dfs_percolation:p=0.2")
+    parts = data.mix_parts(13, 5, kinds)
+    assert [c for c, *_ in parts] == [5, 4, 4] and len({s for _, s, *_ in parts}) == 3
+    assert data.mix_parts(13, 5, kinds[:1]) == [(13, 5, "gen_dfs", {})]  # one kind: the pool it always was
+    # a run on perfect mazes and mazes with loops: its pools hold both, and evaluate scores the same mix by default
+    spec = "gen_dfs,gen_dfs_percolation:p=0.4"
+    train.main(tiny_run_args(tmp_path, "maze5", "--mazes", spec, "--n-test", "20"))
+    task = data.make_task("maze5", n_train=60, n_val=12, n_test=20, cache_dir=str(tmp_path / "cache"),
+                          progress=False, kinds=data.parse_kinds(spec))
+    edges = task.pools["train"]["open"].sum((1, 2, 3)) // 2
+    assert (edges[:30] == 24).all() and (edges[30:] > 24).mean() > 0.5  # trees first, then mostly loops
+    result = evaluate.main([str(tmp_path / "run"), "--n-test", "20"])
+    assert result["generator"] == spec and result["n_test"] == 20
+    test = json.load(open(tmp_path / "run" / "test.json"))
+    assert result["optimal"] == pytest.approx(test["optimal"])  # the same 20 test mazes as train.py scored
+    with pytest.raises(SystemExit):
+        train.main(tiny_run_args(tmp_path / "b", "maze5", "--mazes", "gen_dfs:p"))

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import N_TRAIN, TASK_NAMES, make_task, nan_mean, pool_file
+from data import GENERATOR, N_TRAIN, TASK_NAMES, make_task, mix_parts, nan_mean, parse_kinds, pool_file
 from hrm_controller import anneal, temperature_at
 from model import CONTROLLERS, ModelConfig, PoHModel
 
@@ -69,6 +69,9 @@ def get_parser():
     g.add_argument("--n-test", type=int, default=None, help="test items, measured once at the end (>= 1000)")
     g.add_argument("--data-dir", default="data_cache", help="where generated maze sets are cached; ud_ewt: the "
                    "folder with the treebank's files (downloaded there on first use)")
+    g.add_argument("--mazes", default="gen_dfs", metavar="KINDS",
+                   help="mazes: maze-dataset generators, comma-separated, each with :key=value arguments; every pool "
+                   "is an even mix, e.g. gen_dfs,gen_dfs_percolation:p=0.1 (perfect mazes and mazes with loops)")
     g.add_argument("--upos", default="none", choices=["none", "gold"], help="ud_ewt: also embed the gold UPOS tags")
     g.add_argument("--no-augment", action="store_true", help="do not apply the 8 square symmetries to mazes")
     g.add_argument("--curriculum-steps", type=int, default=None,
@@ -182,6 +185,10 @@ def resolve_args(argv=None):
                      "ud_ewt needs --batching fixed and --attn global (batches differ in length)")]:
         if not ok:
             parser.error(msg)
+    try:
+        parse_kinds(args.mazes)
+    except ValueError as exc:
+        parser.error(f"--mazes: {exc}")
     return args
 
 
@@ -244,7 +251,9 @@ def run_data_dir(config, checkpoint_path):
     candidates = [os.path.abspath(recorded)] + above + [os.path.abspath(name)]
     task = config.get("task", "")
     if task.startswith("maze") and task[4:].isdigit():
-        pool = pool_file(int(task[4:]), config.get("n_train") or N_TRAIN, 3 * config.get("data_seed", 0))
+        count, seed, *kind = mix_parts(config.get("n_train") or N_TRAIN, 3 * config.get("data_seed", 0),
+                                       parse_kinds(config.get("mazes", GENERATOR)))[0]
+        pool = pool_file(int(task[4:]), count, seed, *kind)
         for folder in candidates:
             if os.path.isfile(os.path.join(folder, pool)):
                 return folder
@@ -278,6 +287,11 @@ def checkpoint_temperature(ckpt):
     return train_temperature(ckpt.get("config") or {"temp_start": 2.0, "temp_end": 1.0, "temp_floor": 0.0}, None)
 
 
+def checkpoint_config(ckpt):
+    """A checkpoint's ModelConfig fields; those it predates take the value that reproduces the model it saved."""
+    return {"ctrl_where": False, **ckpt["model_args"]}  # the controller's position code came later
+
+
 def load_checkpoint(path, device="cpu"):
     """Load one of our checkpoints: returns (model, ckpt dict). Clear errors for missing or foreign files."""
     if not os.path.isfile(path):
@@ -289,7 +303,7 @@ def load_checkpoint(path, device="cpu"):
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise ValueError(f"{path} is not an hrm-poh checkpoint (no model / model_args)")
     try:
-        model = PoHModel(ModelConfig(**ckpt["model_args"]), verbose=False)
+        model = PoHModel(ModelConfig(**checkpoint_config(ckpt)), verbose=False)
         model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as exc:  # from another version of the code, or tampered with
         raise ValueError(f"{path} does not match this code's model ({one_line(exc)})") from None
@@ -522,7 +536,7 @@ def build(args, device, rank, world):
         task = make_task(args.task, seed=args.data_seed, n_train=args.n_train, n_val=args.n_val,
                          n_test=args.n_test, cache_dir=args.data_dir, target=args.target,
                          augment=not args.no_augment, progress=master and not args.no_progress,
-                         upos=args.upos == "gold")
+                         upos=args.upos == "gold", kinds=parse_kinds(args.mazes))
         cfg = model_config(args, task)
         cfg.validate()
     except ValueError as exc:
@@ -547,7 +561,7 @@ def restore(r):
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None
     flags = asdict(r.cfg)
-    saved = {**asdict(ModelConfig()), **ckpt["model_args"]}  # a field newer than the checkpoint takes its default
+    saved = {**asdict(ModelConfig()), **checkpoint_config(ckpt)}  # other fields newer than it: their defaults
     if saved != flags:
         diff = {k: (v, flags.get(k)) for k, v in saved.items() if flags.get(k) != v}
         raise SystemExit(f"error: checkpoint model differs from the flags (saved, flags): {diff}")
