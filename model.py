@@ -42,6 +42,7 @@ class ModelConfig:
     n_layers: int = 2  # PoH blocks applied at every inner step
     pos: str = "rope2d"  # "rope2d" or "none"
     attn: str = "global"  # "global", "local" (self + 4 grid neighbours) or "open" (self + open neighbours, mazes)
+    far_heads: int = 0  # with attn local/open: the last far_heads heads attend over the whole grid
     attn_impl: str = "gather"  # local/open: "gather" the 5 neighbours (O(N)) or "dense" masked attention (O(N^2))
     R: int = 4  # inner refinement steps per forward
     controller: str = "hrm"  # "hrm", "poh", "none" (uniform head weights) or "fixed" (the same top_k heads for
@@ -75,6 +76,8 @@ class ModelConfig:
             (self.pos != "rope2d" or (self.d_model // self.n_heads) % 4 == 0, "rope2d needs head width % 4 == 0"),
             (self.pos in ("rope2d", "none"), f"pos must be rope2d or none, got {self.pos!r}"),
             (self.attn in ("global", "local", "open"), f"attn must be global, local or open, got {self.attn!r}"),
+            (0 <= self.far_heads <= self.n_heads, f"far-heads must be between 0 and n-heads, got {self.far_heads}"),
+            (self.far_heads == 0 or self.attn in ("local", "open"), "far-heads needs attn local or open"),
             (self.attn_impl in ("gather", "dense"), f"attn-impl must be gather or dense, got {self.attn_impl!r}"),
             (self.grad in ("bptt", "tbptt"), f"grad must be bptt or tbptt, got {self.grad!r}"),
             (1 <= self.grad_steps, f"grad-steps must be >= 1, got {self.grad_steps}"),
@@ -148,7 +151,8 @@ class PoHModel(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        block_cfg = BlockConfig(d_model=cfg.d_model, n_heads=cfg.n_heads, pos=cfg.pos, attn=cfg.attn)
+        block_cfg = BlockConfig(d_model=cfg.d_model, n_heads=cfg.n_heads, pos=cfg.pos, attn=cfg.attn,
+                                far_heads=cfg.far_heads)
         self.blocks = nn.ModuleList(PoHBlock(block_cfg) for _ in range(cfg.n_layers))
         self.norm_in = nn.LayerNorm(cfg.d_model)  # input injection: |h| does not grow with the step count
         self.norm_out = nn.LayerNorm(cfg.d_model)

@@ -13,7 +13,9 @@ model trained on 12x12 mazes runs on 16x16 ones. A sequence (sorting) is the gri
 is restricted to self + the 4 grid neighbours ("local"), a strong bias for mazes: information then moves about
 one cell per block application. For mazes, "open" restricts it further to the neighbours not behind a wall.
 Both are computed by gathering each cell's 5 keys (attn_impl "gather", O(N)) or, for checking and benchmarks, as
-dense attention with a mask (attn_impl "dense", O(N^2)); the two agree to float rounding.
+dense attention with a mask (attn_impl "dense", O(N^2)); the two agree to float rounding. With far_heads > 0 the
+last far_heads heads ignore that restriction and attend over the whole grid, so the router has a real choice to
+make per token: look at the neighbours or far away.
 
 Nothing to run on its own; `python -m pytest -q test_all.py -k block` tests it.
 """
@@ -34,6 +36,7 @@ class BlockConfig:
     mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * d_model
     pos: str = "rope2d"  # "rope2d" or "none" (no positions: used to check against nn.MultiheadAttention)
     attn: str = "global"  # "global", "local" (self + 4 grid neighbours) or "open" (self + open neighbours, mazes)
+    far_heads: int = 0  # with local/open: this many heads (the last ones) attend globally instead
 
 
 def grid_coords(grid, device=None):
@@ -129,11 +132,18 @@ def neighbour_attention(q, k, v, grid, allowed):
     return o.view(B, H, N, Dh)
 
 
+def attend(q, k, v, mask):
+    """Attention of q, k, v (B, H, N, Dh) under a mask as PoHAttention.forward takes it."""
+    if isinstance(mask, tuple):
+        return neighbour_attention(q, k, v, *mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class PoHAttention(nn.Module):
     def __init__(self, cfg: BlockConfig):
         super().__init__()
         assert cfg.d_model % cfg.n_heads == 0, "d_model must be divisible by n_heads"
-        self.n_heads = cfg.n_heads
+        self.n_heads, self.far_heads = cfg.n_heads, cfg.far_heads
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)  # W_O, applied after the head weighting
 
@@ -148,10 +158,10 @@ class PoHAttention(nn.Module):
             # contiguous first: RoPE's elementwise ops on these strided views ran about 5x slower on CPU, 12% of a
             # maze12 training step
             q, k = apply_rope(q.contiguous(), *rope), apply_rope(k.contiguous(), *rope)
-        if isinstance(mask, tuple):
-            o = neighbour_attention(q, k, v, *mask)  # (B, H, N, Dh)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, Dh): one output per real head
+        near = H - self.far_heads if mask is not None else H  # a mask restricts the near heads only
+        o = attend(q[:, :near], k[:, :near], v[:, :near], mask)  # (B, H, N, Dh): one output per real head
+        if near < H:
+            o = torch.cat([o, attend(q[:, near:], k[:, near:], v[:, near:], None)], 1)
         if alpha is not None:
             # scale by H so that uniform alpha = 1/H leaves o unchanged
             o = o * (H * alpha).transpose(1, 2).unsqueeze(-1)  # alpha (B, N, H) -> (B, H, N, 1)

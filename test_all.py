@@ -1555,6 +1555,27 @@ def test_gathered_neighbour_attention_equals_the_dense_masked_path_in_values_and
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mask_kind", ["open-gather", "open-dense", "local-gather"])
+def test_far_heads_attend_globally_and_the_near_heads_as_before(mask_kind):
+    # one attention module, 4 heads, the last 2 far: with alpha on one head only the output is that head's, so a
+    # near head must equal the same weights under the restricted mask, a far head the same weights unrestricted
+    attn, impl = mask_kind.split("-")
+    grid, B = (4, 5), 2
+    x = torch.randn(B, 20, 16, generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 48, (B, 20), generator=torch.Generator().manual_seed(1))
+    m = PoHModel(ModelConfig(vocab_size=48, n_classes=5, d_model=16, n_heads=4, attn=attn, attn_impl=impl), verbose=False)
+    mask = m.attention_mask(tokens, grid)
+    split, plain = PoHAttention(BlockConfig(16, 4, attn=attn, far_heads=2)), PoHAttention(BlockConfig(16, 4, attn=attn))
+    plain.load_state_dict(split.state_dict())
+    for head, plain_mask in ((0, mask), (1, mask), (2, None), (3, None)):
+        alpha = F.one_hot(torch.tensor(head), 4).float().expand(B, 20, 4)
+        torch.testing.assert_close(split(x, alpha, None, mask), plain(x, alpha, None, plain_mask), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="far-heads"):
+        ModelConfig(vocab_size=48, n_classes=5, n_heads=4, attn="global", far_heads=1).validate()
+    with pytest.raises(ValueError, match="far-heads"):
+        ModelConfig(vocab_size=48, n_classes=5, n_heads=4, attn="open", far_heads=5).validate()
+
+
 def test_default_maze_model_forward_and_backward_on_maze64_batch_8_fits_in_2_gib():
     # in a fresh process, so the peak resident memory is this model's alone
     code = ("import resource, torch, train; from model import PoHModel\n"

@@ -83,6 +83,9 @@ def get_parser():
     g.add_argument("--n-layers", type=int, default=None, help="PoH blocks applied at every inner step")
     g.add_argument("--attn", default=None, choices=["global", "local", "open"],
                    help="local = self + 4 grid neighbours; open = self + the neighbours not behind a wall (mazes)")
+    g.add_argument("--far-heads", type=int, default=0,
+                   help="with --attn local/open: this many heads attend over the whole grid instead (routing then "
+                   "chooses near or far per token)")
     g.add_argument("--attn-impl", default="gather", choices=["gather", "dense"],
                    help="local/open attention: gather each cell's 5 neighbours (O(N)) or dense with a mask (O(N^2))")
     g.add_argument("--pos", default="rope2d", choices=["rope2d", "none"], help="positional scheme")
@@ -195,8 +198,9 @@ def resolve_args(argv=None):
 def model_config(args, task):
     return ModelConfig(
         vocab_size=task.vocab_size, n_classes=task.n_classes, d_model=args.d_model, n_heads=args.n_heads,
-        n_layers=args.n_layers, pos=args.pos, attn=args.attn, attn_impl=args.attn_impl, R=args.R, controller=args.controller,
-        d_ctrl=args.d_ctrl, T=args.T, top_k=args.top_k, hard_route=args.hard_route, h_gate=args.h_gate,
+        n_layers=args.n_layers, pos=args.pos, attn=args.attn, far_heads=args.far_heads, attn_impl=args.attn_impl,
+        R=args.R, controller=args.controller, d_ctrl=args.d_ctrl, T=args.T, top_k=args.top_k,
+        hard_route=args.hard_route, h_gate=args.h_gate,
         reset_controller=args.reset_controller, grad=args.grad, grad_steps=args.grad_steps, supervise=args.supervise,
         ponder_weight=args.ponder_weight, ponder_prior=args.ponder_prior, label_smoothing=args.label_smoothing,
         label_sets=task_kind(args.task) == "maze",  # maze labels are bitmasks: every shortest move is right
