@@ -293,19 +293,24 @@ def parse_kinds(spec):
     kinds = []
     for part in spec.split(","):
         name, *args = part.strip().split(":")
-        kwargs = {}
-        for arg in args:
-            key, eq, value = arg.partition("=")
-            if not eq or not key:
-                raise ValueError(f"maze kind {part!r}: arguments are key=value, got {arg!r}")
-            try:
-                kwargs[key] = int(value) if value.lstrip("-").isdigit() else float(value)
-            except ValueError:
-                kwargs[key] = value
         if not name:
             raise ValueError(f"empty maze kind in {spec!r}")
-        kinds.append((name, kwargs))
+        kinds.append((name, parse_gen_args(args)))
     return kinds
+
+
+def parse_gen_args(items):
+    """Generator arguments from KEY=VALUE texts -> dict, each value read as a number where it is one."""
+    kwargs = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"generator arguments are KEY=VALUE, got {item!r}")
+        try:
+            kwargs[key] = float(value) if "." in value or "e" in value.lower() else int(value)
+        except ValueError:
+            kwargs[key] = value
+    return kwargs
 
 
 def mix_parts(count, seed, kinds):

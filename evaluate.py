@@ -119,9 +119,9 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=1000, da
                           n_val=config.get("n_val") if same else 0, n_test=n_test,
                           cache_dir=data_dir or train.run_data_dir(config, path),
                           target=config.get("target", "direction"), progress=False,
-                          upos=config.get("upos") == "gold", generator=generator or data.GENERATOR,
-                          gen_kwargs=gen_kwargs,  # the run's own mix of maze kinds unless --generator names one
-                          kinds=None if generator else data.parse_kinds(config.get("mazes", data.GENERATOR)))
+                          upos=config.get("upos") == "gold",  # the run's own mix of maze kinds unless --generator
+                          kinds=([(generator, gen_kwargs)] if generator
+                                 else data.parse_kinds(config.get("mazes", data.GENERATOR))))
     if (task.vocab_size, task.n_classes) != (model.cfg.vocab_size, model.cfg.n_classes):
         raise ValueError(f"{task_name} has {task.n_classes} classes over {task.vocab_size} tokens, the model "
                          f"{model.cfg.n_classes} over {model.cfg.vocab_size} (a sorting model has a fixed length)")
@@ -163,15 +163,10 @@ def main(argv=None):
     for flag, value in (("--inner-steps", args.inner_steps), ("--n-test", args.n_test)):
         if value is not None and value < 1:
             raise SystemExit(f"error: {flag} must be >= 1, got {value}")
-    gen_kwargs = {}
-    for item in args.gen_arg:  # KEY=VALUE, the value read as a number where it is one
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"error: --gen-arg takes KEY=VALUE, got {item!r}")
-        try:
-            gen_kwargs[key] = float(value) if "." in value or "e" in value.lower() else int(value)
-        except ValueError:
-            gen_kwargs[key] = value
+    try:
+        gen_kwargs = data.parse_gen_args(args.gen_arg)
+    except ValueError as exc:
+        raise SystemExit(f"error: --gen-arg: {exc}") from None
     try:
         result = score(args.checkpoint, args.task, args.inner_steps, args.segments, args.n_test, args.data_dir,
                        args.batch_size, train.pick_device(args.device), args.ablate_routing, args.generator,

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from poh_block import grid_coords
+
 
 @dataclass
 class ControllerConfig:
@@ -46,10 +48,8 @@ POSITION_PERIODS = (2, 3, 4, 5)  # short periods: the code repeats, so it means 
 def position_code(grid, device=None):
     """(N, 4 * len(POSITION_PERIODS)) cos and sin of row and column at each period, minus their mean over the
     grid: a constant part would add the same bias to every token (on a 1-row grid the row terms vanish)."""
-    h, w = grid
-    idx = torch.arange(h * w, device=device)
-    angles = torch.cat([(idx // w)[:, None] / torch.tensor(POSITION_PERIODS, device=device),
-                        (idx % w)[:, None] / torch.tensor(POSITION_PERIODS, device=device)], 1) * (2 * math.pi)
+    periods = torch.tensor(POSITION_PERIODS, dtype=torch.float32, device=device)
+    angles = torch.cat([c[:, None] / periods for c in grid_coords(grid, device)], 1) * (2 * math.pi)
     code = torch.cat([angles.cos(), angles.sin()], 1)
     return code - code.mean(0)
 
@@ -168,15 +168,15 @@ class Controller(nn.Module):
         z = torch.zeros(B, N, self.cfg.d_ctrl, device=device)
         return {"z_L": z, "z_H": z.clone()} if self.cfg.kind == "hrm" else {"z_L": z}
 
-    def forward(self, x, state, t, temperature=1.0, grid=None):
-        """x (B, N, d_model) token states; state dict of (B, N, d_ctrl); t the inner step index; grid (h, w) with
-        h * w = N, default (1, N). Returns alpha (B, N, H), p (B, N, H), the new state, and how much z_H was
-        updated (1.0, 0.0 or the gate)."""
+    def forward(self, x, state, t, temperature=1.0, code=None):
+        """x (B, N, d_model) token states; state dict of (B, N, d_ctrl); t the inner step index; code the
+        position_code of the grid (computed once per forward by the caller; default that of a 1-row grid).
+        Returns alpha (B, N, H), p (B, N, H), the new state, and how much z_H was updated (1.0, 0.0 or the gate)."""
         B, N, _ = x.shape
         cfg = self.cfg
         u = self.inp(x)
         if self.where is not None:
-            u = u + self.where(position_code(grid or (1, N), x.device).to(u.dtype))
+            u = u + self.where((position_code((1, N), x.device) if code is None else code).to(u.dtype))
         u = u.reshape(B * N, -1)  # (B*N, c): tokens flattened for the GRU cells
         z_L = state["z_L"].reshape(B * N, -1)
         if cfg.kind == "hrm":

@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hrm_controller import Controller, ControllerConfig, ablate_alpha, balance_loss, routing_entropy, routing_stats
+from hrm_controller import (Controller, ControllerConfig, ablate_alpha, balance_loss, position_code, routing_entropy,
+                            routing_stats)
 from parsing import Biaffine, parse_loss
 from poh_block import BlockConfig, PoHBlock, local_mask, neighbour_index, open_mask, open_neighbours, rope_tables
 
@@ -232,6 +233,8 @@ class PoHModel(nn.Module):
         ctrl = {k: v for k, v in state.items() if k != "h"}
         rope = rope_tables(grid, cfg.d_model // cfg.n_heads, x.device) if cfg.pos == "rope2d" else None
         mask = self.attention_mask(x, grid)
+        routed_by_position = self.controller is not None and self.controller.where is not None
+        code = position_code(grid, x.device) if routed_by_position else None  # once per forward, not per step
 
         first_grad = R - min(cfg.grad_steps, R) if cfg.grad == "tbptt" else 0
         supervised = supervised_steps(R, cfg.supervise)
@@ -240,7 +243,7 @@ class PoHModel(nn.Module):
         for t in range(R):
             with torch.set_grad_enabled(torch.is_grad_enabled() and t >= first_grad):
                 if self.controller is not None:
-                    alpha, p, ctrl, h_update = self.controller(h + e, ctrl, t, temperature, grid)
+                    alpha, p, ctrl, h_update = self.controller(h + e, ctrl, t, temperature, code)
                     if ablate is not None:
                         alpha = ablate_alpha(alpha, ablate, ablate_gen)
                 elif cfg.controller == "fixed":  # heads 0..top_k-1 for every token, no router
