@@ -758,6 +758,7 @@ def run(args):
     if log_file:
         log_file.close()
     if ddp:
+        dist.barrier()  # leave together: a rank that exits while rank 0 still tests can abort in gloo's teardown
         dist.destroy_process_group()
     return result
 
