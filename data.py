@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from stats import nan_mean
+
 TASK_NAMES = ("maze8", "maze12", "maze16", "maze24", "sort12", "sort12-visible", "sort16", "sort20", "sort24",
               "ud_ewt")
 MOVES = ((-1, 0), (0, 1), (1, 0), (0, -1))  # N, E, S, W as (dr, dc): row grows southward, column eastward
@@ -226,12 +228,6 @@ def labelled_path(y, start, n):
         d = (bits & -bits).bit_length() - 1
         cur = (cur[0] + MOVES[d][0], cur[1] + MOVES[d][1])
     raise ValueError("direction labels loop without reaching the goal")
-
-
-def nan_mean(values):
-    """Mean of the values that are not NaN (NaN if none is): exact is NaN for a maze without a unique path."""
-    kept = [v for v in values if v == v]
-    return sum(kept) / len(kept) if kept else float("nan")
 
 
 def maze_metrics(logits, x, y, per_item=False):
@@ -587,13 +583,14 @@ class SortTask:
 
 
 def make_task(name, *, seed=0, n_train=None, n_val=None, n_test=None, cache_dir="data_cache",
-              target="direction", augment=True, progress=True, upos=False, generator=GENERATOR, gen_kwargs=None,
-              kinds=None):
+              target="direction", augment=True, progress=True, upos=False, word_dropout=0.0, generator=GENERATOR,
+              gen_kwargs=None, kinds=None):
     """Build a task by name: mazeN (3 <= N <= 64), sortN or sortN-visible (2 <= N <= 64), or ud_ewt (dependency
     parsing, parsing.ParseTask; cache_dir is the folder with the treebank's files)."""
     if name == "ud_ewt":
         import parsing  # here, so the maze and sorting tasks never load it
-        return parsing.ParseTask(name, cache_dir, upos=upos, n_val=n_val, n_test=n_test, progress=progress)
+        return parsing.ParseTask(name, cache_dir, upos=upos, word_dropout=word_dropout, n_val=n_val, n_test=n_test,
+                                 progress=progress)
     maze, sort = re.fullmatch(r"maze(\d+)", name), re.fullmatch(r"sort(\d+)(-visible)?", name)
     if maze and 3 <= int(maze[1]) <= 64:
         sizes = {k: v for k, v in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)) if v is not None}

@@ -61,10 +61,12 @@ class ModelConfig:
     ponder_weight: float = 0.0  # > 0 builds the halting head and adds beta * KL(p || geometric prior)
     ponder_prior: float = 0.5  # lambda_p of the geometric prior over halting steps
     label_smoothing: float = 0.0  # cross-entropy label smoothing
+    dropout: float = 0.0  # dropout on the embedded input and on each block's attention and MLP outputs (training)
     label_sets: bool = False  # labels are bitmasks of the right classes (mazes: every equally short move is right)
     output: str = "classes"  # "classes" (one class per token) or "biaffine" (a head and a relation per word: parsing)
     pad_token: int = -1  # >= 0: this input token is padding, never attended to (variable-length batches)
-    n_tags: int = 0  # > 0: inputs are (B, N, 2) token and tag ids, the tags embedded too (parsing with gold UPOS)
+    feature_vocab: tuple = ()  # sizes of k more id columns: x is (B, N, 1 + k), each column embedded, all summed
+    # (parsing: each word's suffix and shape, and its gold UPOS tag with --upos gold)
 
     def validate(self):
         """Raise ValueError with one clear line for settings that cannot work."""
@@ -153,13 +155,14 @@ class PoHModel(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         block_cfg = BlockConfig(d_model=cfg.d_model, n_heads=cfg.n_heads, pos=cfg.pos, attn=cfg.attn,
-                                far_heads=cfg.far_heads)
+                                far_heads=cfg.far_heads, dropout=cfg.dropout)
         self.blocks = nn.ModuleList(PoHBlock(block_cfg) for _ in range(cfg.n_layers))
+        self.drop = nn.Dropout(cfg.dropout)
         self.norm_in = nn.LayerNorm(cfg.d_model)  # input injection: |h| does not grow with the step count
         self.norm_out = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.n_classes) if cfg.output == "classes" else Biaffine(cfg.d_model,
                                                                                                    cfg.n_classes)
-        self.embed_tags = nn.Embedding(cfg.n_tags, cfg.d_model) if cfg.n_tags else None
+        self.embed_features = nn.ModuleList(nn.Embedding(n, cfg.d_model) for n in cfg.feature_vocab)
         self.controller = None
         if cfg.controller in ("hrm", "poh"):
             self.controller = Controller(ControllerConfig(
@@ -195,9 +198,9 @@ class PoHModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def embed_input(self, x):
-        """Token embeddings (B, N, D) of x (B, N), or of x (B, N, 2) token and tag ids (their sum)."""
+        """Token embeddings (B, N, D) of x (B, N), or of x (B, N, 1 + k) token and feature ids (their sum)."""
         if x.dim() == 3:
-            return self.embed(x[..., 0]) + self.embed_tags(x[..., 1])
+            return self.embed(x[..., 0]) + sum(emb(x[..., i + 1]) for i, emb in enumerate(self.embed_features))
         return self.embed(x)
 
     def init_state(self, x):
@@ -223,7 +226,7 @@ class PoHModel(nn.Module):
         R = n_steps or cfg.R
         grid = grid or (1, N)
         assert grid[0] * grid[1] == N, f"grid {grid} does not have {N} cells"
-        e = self.embed_input(x)
+        e = self.drop(self.embed_input(x))  # one mask for the forward: every inner step sees the same input
         pad = (x[..., 0] if x.dim() == 3 else x) == cfg.pad_token  # (B, N): all False without padding
         if state is None:
             state = self.init_state(x)

@@ -26,6 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from stats import item_means
+
 UD_FILES = {"train": "en_ewt-ud-train.conllu.gz", "dev": "en_ewt-ud-dev.conllu.gz", "test": "en_ewt-ud-test.conllu.gz"}
 UD_COUNTS = {"train": 12544, "dev": 2001, "test": 2077}  # sentences in each file of release 2.15
 UD_URL = "https://raw.githubusercontent.com/UniversalDependencies/UD_English-EWT/r2.15/{name}"  # the release tag
@@ -224,19 +226,36 @@ def build_vocab(items, min_count=1):
     return vocab
 
 
-def encode_sentences(sentences, words, tags, labels, upos=False):
-    """x (B, n+1) word ids, or (B, n+1, 2) word and tag ids with upos=True, and y (B, n+1, 2) gold heads and label
-    ids; position 0 is ROOT, rows are padded to the longest sentence with PAD in x and -100 (ignored) in y."""
+SUFFIX = 3  # an unknown or rare word still shows its last letters (its suffix vocabulary has MIN_COUNT too)
+
+
+def shape(word):
+    """A word's spelling class: what lowercasing drops (its case), and whether it has digits or no letters."""
+    if any(c.isdigit() for c in word):
+        return "digit"
+    if not any(c.isalpha() for c in word):
+        return "symbol"
+    if word.isupper() and len(word) > 1:
+        return "upper"
+    return "title" if word[0].isupper() else "lower"
+
+
+def encode_sentences(sentences, vocabs, labels):
+    """x (B, n+1, C): per token, C ids, one per vocabulary in vocabs (word, suffix, shape, and the gold UPOS tag
+    if it is given); y (B, n+1, 2): gold heads and label ids. Position 0 is ROOT; rows are padded to the longest
+    sentence with PAD in x and -100 (ignored) in y."""
+    reads = [lambda s: [w.lower() for w in s.words], lambda s: [w.lower()[-SUFFIX:] for w in s.words],
+             lambda s: [shape(w) for w in s.words], lambda s: s.upos][:len(vocabs)]
     n = max(len(s.words) for s in sentences) + 1
-    x = torch.full((len(sentences), n, 2), PAD, dtype=torch.long)
+    x = torch.full((len(sentences), n, len(vocabs)), PAD, dtype=torch.long)
     y = torch.full((len(sentences), n, 2), -100, dtype=torch.long)
     for i, s in enumerate(sentences):
         x[i, 0] = ROOT
-        x[i, 1:len(s.words) + 1, 0] = torch.tensor([words.get(w.lower(), UNK) for w in s.words])
-        x[i, 1:len(s.words) + 1, 1] = torch.tensor([tags.get(t, UNK) for t in s.upos])
+        for c, (vocab, read) in enumerate(zip(vocabs, reads)):
+            x[i, 1:len(s.words) + 1, c] = torch.tensor([vocab.get(v, UNK) for v in read(s)])
         y[i, 1:len(s.words) + 1, 0] = torch.tensor(s.heads)
         y[i, 1:len(s.words) + 1, 1] = torch.tensor([labels.get(lab, UNK) for lab in s.labels()])
-    return (x if upos else x[..., 0]), y
+    return x, y
 
 
 class ParseTask:
@@ -244,29 +263,40 @@ class ParseTask:
     head (a position, 0 = ROOT) and its universal relation. Training batches hold sentences of similar length
     (consecutive in length order) and are padded only to their own longest sentence."""
 
-    def __init__(self, name, data_dir, *, upos=False, n_val=None, n_test=None, progress=True):
+    def __init__(self, name, data_dir, *, upos=False, word_dropout=0.0, n_val=None, n_test=None, progress=True):
         paths = ud_files(data_dir, progress)
         self.sentences = {split: read_conllu(path)[0] for split, path in paths.items()}
         train = self.sentences["train"]
-        self.words = build_vocab([w.lower() for s in train for w in s.words], MIN_COUNT)
+        forms = [w for s in train for w in s.words]
+        self.words = build_vocab([w.lower() for w in forms], MIN_COUNT)
+        self.suffixes = build_vocab([w.lower()[-SUFFIX:] for w in forms], MIN_COUNT)
+        self.shapes = build_vocab([shape(w) for w in forms])
         self.tags = build_vocab([t for s in train for t in s.upos])
         self.labels = build_vocab([lab for s in train for lab in s.labels()])
         self.label_names = {i: lab for lab, i in self.labels.items()}
+        # the input columns: the word, its suffix and shape (words only), and the gold UPOS tag with upos=True
+        self.vocabs = [self.words, self.suffixes, self.shapes] + ([self.tags] if upos else [])
         self.name, self.upos, self.grid = name, upos, None  # grid None: a sequence, (1, N) for each batch's N
-        self.vocab_size, self.n_classes, self.n_tags = len(self.words), len(self.labels), len(self.tags)
+        self.word_dropout = word_dropout  # training words read as UNK with this probability, so UNK is learned
+        self.vocab_size, self.n_classes = len(self.words), len(self.labels)
+        self.feature_vocab = tuple(len(v) for v in self.vocabs[1:])  # the model embeds each column and sums
         self.by_length = sorted(range(len(train)), key=lambda i: len(train[i].words))
         held = {"val": self.sentences["dev"][:n_val], "test": self.sentences["test"][:n_test]}
         # held-out sets in length order, so evaluation batches are short and evenly padded
         self.splits = {s: self.encode(sorted(v, key=lambda z: len(z.words))) for s, v in held.items()}
 
     def encode(self, sentences):
-        return encode_sentences(sentences, self.words, self.tags, self.labels, self.upos)
+        return encode_sentences(sentences, self.vocabs, self.labels)
 
     def train_batch(self, batch_size, gen, **curriculum):
         """batch_size training sentences of similar length: a run of the length-sorted order at a random place."""
         start = int(torch.randint(max(1, len(self.by_length) - batch_size + 1), (1,), generator=gen))
         rows = self.by_length[start:start + batch_size]
-        return self.encode([self.sentences["train"][i] for i in rows])
+        x, y = self.encode([self.sentences["train"][i] for i in rows])
+        if self.word_dropout > 0:
+            drop = torch.rand(x.shape[:2], generator=gen) < self.word_dropout
+            x[..., 0][drop & (y[..., 0] != -100)] = UNK  # real words only, never ROOT or padding; suffix, shape kept
+        return x, y
 
     def split(self, name):
         if name not in self.splits:
@@ -275,10 +305,11 @@ class ParseTask:
 
     def metrics(self, logits, x, y, per_item=False):
         """uas and las of the decoded trees (Chu-Liu/Edmonds), over all words; not_tree: the share of sentences
-        whose greedy (argmax) heads did not form a tree."""
+        whose greedy (argmax) heads did not form a tree. per_item=True: a list per metric, one value per sentence,
+        and "words", each sentence's word count (data.item_means weights uas and las by it)."""
         arc, lab = (t.detach().float().cpu() for t in logits)
         y = y.cpu()
-        items = {"uas": [], "las": [], "not_tree": []}
+        items = {"uas": [], "las": [], "not_tree": [], "words": []}
         for b in range(len(arc)):
             n = int((y[b, :, 0] != -100).sum())
             scores = arc[b, :n + 1, :n + 1].numpy()
@@ -289,7 +320,8 @@ class ParseTask:
             items["uas"].append(got["uas"])
             items["las"].append(got["las"])
             items["not_tree"].append(float(not is_tree(greedy)))
-        return items if per_item else {k: sum(v) / len(v) for k, v in items.items()}
+            items["words"].append(n)
+        return items if per_item else item_means(items)  # uas and las over all words, not_tree over sentences
 
     def trim(self, x, y):
         """A batch of the held-out sets cut to its longest sentence (the sets are padded to their longest)."""

@@ -37,6 +37,7 @@ class BlockConfig:
     pos: str = "rope2d"  # "rope2d" or "none" (no positions: used to check against nn.MultiheadAttention)
     attn: str = "global"  # "global", "local" (self + 4 grid neighbours) or "open" (self + open neighbours, mazes)
     far_heads: int = 0  # with local/open: this many heads (the last ones) attend globally instead
+    dropout: float = 0.0  # dropout on the attention and MLP outputs before they join the residual (training only)
 
 
 def grid_coords(grid, device=None):
@@ -180,7 +181,8 @@ class PoHBlock(nn.Module):
             nn.GELU(),
             nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model),
         )
+        self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, alpha=None, rope=None, mask=None):
-        x = x + self.attn(self.ln1(x), alpha, rope, mask)
-        return x + self.mlp(self.ln2(x))
+        x = x + self.drop(self.attn(self.ln1(x), alpha, rope, mask))
+        return x + self.drop(self.mlp(self.ln2(x)))

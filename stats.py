@@ -1,11 +1,30 @@
 """
-Small statistics for reporting runs over seeds: mean, sample standard deviation and the 95% confidence interval of
-the mean (Student t). Used by ab.py's tables and plots.py's sweep plot; depends on nothing in this project.
+Small statistics: the means of per-item metrics over a data set (train.py's evaluation, the tasks' metrics), and
+for reporting runs over seeds the mean, sample standard deviation and 95% confidence interval of the mean (Student
+t; ab.py's tables, plots.py's sweep plot). Depends on nothing in this project.
 
-Nothing to run on its own; `python -m pytest -q test_all.py -k summarize` tests it.
+Nothing to run on its own; `python -m pytest -q test_all.py -k "summarize or words"` tests it.
 """
 
 import math
+
+
+def nan_mean(values):
+    """Mean of the values that are not NaN (NaN if none is): exact is NaN for a maze without a unique path."""
+    kept = [v for v in values if v == v]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
+PER_WORD = ("uas", "las")  # parsing's attachment scores: means over all words (CoNLL), not over sentences
+
+
+def item_means(items):
+    """Each metric's mean over its items (a list per metric), NaN values left out. Where the items carry a "words"
+    list (a parse: the words of each sentence), the metrics in PER_WORD are weighted by it."""
+    words = items.get("words")
+    return {k: sum(a * n for a, n in zip(v, words)) / sum(words) if words and k in PER_WORD else nan_mean(v)
+            for k, v in items.items() if k != "words"}
+
 
 # Two-sided 95% critical values of Student's t by degrees of freedom; between rows the smaller df is used,
 # which overstates the interval a little rather than understating it.

@@ -1633,7 +1633,7 @@ def test_a_users_own_mazes_are_encoded_and_scored_per_item_through_the_public_ap
     items = scored["items"]
     assert set(items) == {"reach", "optimal", "exact", "cell_acc", "unique"} and all(len(v) == 6 for v in items.values())
     for k, v in items.items():  # the per-item values average to the reported means (exact: where it is defined)
-        assert data.nan_mean(v) == pytest.approx(scored["per_segment"][-1][k], nan_ok=True)
+        assert stats.nan_mean(v) == pytest.approx(scored["per_segment"][-1][k], nan_ok=True)
     with pytest.raises(ValueError, match="no generator 'gen_nothing'"):
         data.generate_mazes(5, 2, 0, generator="gen_nothing")
     assert data.pool_file(5, 6, 7, "gen_dfs_percolation", {"p": 0.3}) != data.pool_file(5, 6, 7)
@@ -1800,13 +1800,13 @@ def test_padding_never_changes_the_parsers_scores_for_the_real_words(ud_sample_d
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=task.vocab_size, n_classes=task.n_classes, d_model=16, n_heads=2, n_layers=1,
                       d_ctrl=8, R=3, pos="rope2d", attn="global", controller="hrm", output="biaffine", pad_token=0,
-                      n_tags=task.n_tags)
+                      feature_vocab=task.feature_vocab)
     model = PoHModel(cfg, verbose=False).eval()
     sentences = task.sentences["dev"]
     short = min(sentences, key=lambda s: len(s.words))
     alone_x, _ = task.encode([short])
     batch_x, _ = task.encode([short, max(sentences, key=lambda s: len(s.words))])  # short is padded here
-    assert batch_x.shape[1] > alone_x.shape[1] and batch_x.dim() == 3  # word and tag ids
+    assert batch_x.shape[1] > alone_x.shape[1] and batch_x.shape[2] == 4  # word, suffix, shape and tag ids
     n = alone_x.shape[1]
     with torch.no_grad():
         arc_a, lab_a = model(alone_x)["logits"]
@@ -1814,6 +1814,60 @@ def test_padding_never_changes_the_parsers_scores_for_the_real_words(ud_sample_d
     torch.testing.assert_close(arc_b[0, :n, :n], arc_a[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lab_b[0, :n, :n], lab_a[0], rtol=1e-5, atol=1e-5)
     assert torch.isinf(arc_b[0, :n, n:]).all()  # padding is never a candidate head
+
+
+def test_uas_and_las_are_means_over_all_words_not_over_sentences(ud_sample_dir):
+    task = parsing.ParseTask("ud_ewt", str(ud_sample_dir), progress=False)
+    # sentence 0: one word, its head (ROOT) and label right; sentence 1: three words, every head wrong
+    y = torch.tensor([[[-100, -100], [0, 5], [-100, -100], [-100, -100]],
+                      [[-100, -100], [0, 5], [1, 6], [1, 7]]])
+    arc = torch.full((2, 4, 4), -10.0)
+    lab = torch.zeros(2, 4, 4, task.n_classes)
+    arc[0, 1, 0], lab[0, 1, 0, 5] = 5.0, 5.0
+    arc[1, 1, 3], arc[1, 2, 0], arc[1, 3, 2] = 5.0, 5.0, 5.0  # the tree 3 -> 1, 0 -> 2 -> 3: all three heads wrong
+    lab[1, :, :, 5] = 5.0
+    got = task.metrics((arc, lab), None, y)
+    assert got["uas"] == pytest.approx(1 / 4) and got["las"] == pytest.approx(1 / 4)  # per sentence it would be 1/2
+    items = task.metrics((arc, lab), None, y, per_item=True)
+    assert items["uas"] == [1.0, 0.0] and items["words"] == [1, 3] and got["not_tree"] == 0.0
+    assert stats.item_means(items) == got
+
+
+def test_each_word_is_read_as_its_word_suffix_and_shape_and_an_unknown_word_keeps_the_last_two():
+    assert [parsing.shape(w) for w in ["The", "IBM", "2024", "report", ",", "I"]] == \
+        ["title", "upper", "digit", "lower", "symbol", "title"]
+    words, suffixes, shapes = (parsing.build_vocab(v) for v in (["the", "report"], ["the", "ort"], ["lower", "title"]))
+    x, y = parsing.encode_sentences([parsing.Sentence(["The", "Exxport"], ["DET", "NOUN"], [2, 0], ["det", "root"])],
+                                    [words, suffixes, shapes], parsing.build_vocab(["det", "root"]))
+    assert x.shape == (1, 3, 3) and (x[0, 0] == parsing.ROOT).all()
+    assert x[0, 1].tolist() == [words["the"], suffixes["the"], shapes["title"]]
+    assert x[0, 2].tolist() == [parsing.UNK, suffixes["ort"], shapes["title"]]  # unknown word, known suffix
+    assert y[0, 1:, 0].tolist() == [2, 0]
+
+
+def test_word_dropout_reads_some_real_words_as_unknown_and_nothing_else(ud_sample_dir):
+    plain, dropped = (parsing.ParseTask("ud_ewt", str(ud_sample_dir), upos=True, word_dropout=p, progress=False)
+                      for p in (0.0, 0.5))
+    (x0, y0), (x1, y1) = (t.train_batch(16, torch.Generator().manual_seed(3)) for t in (plain, dropped))
+    assert torch.equal(y0, y1) and torch.equal(x0[..., 1:], x1[..., 1:])  # same sentences; suffix, shape, tag kept
+    changed = x0[..., 0] != x1[..., 0]
+    real = y0[..., 0] != -100
+    assert (x1[..., 0][changed] == parsing.UNK).all() and not (changed & ~real).any()  # never ROOT or padding
+    share = (changed | (x0[..., 0] == parsing.UNK))[real].float().mean().item()
+    assert 0.35 < share < 0.65, share  # about half the words read as unknown
+
+
+def test_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    x = torch.randint(0, 8, (2, 9))
+    model = PoHModel(ModelConfig(vocab_size=8, n_classes=3, d_model=16, n_heads=2, n_layers=1, d_ctrl=8, R=2,
+                                 dropout=0.5), verbose=False)
+    plain = PoHModel(ModelConfig(**{**asdict(model.cfg), "dropout": 0.0}), verbose=False)
+    plain.load_state_dict(model.state_dict())  # dropout holds no weights: the same model without it
+    model.eval(), plain.eval()
+    torch.testing.assert_close(model(x)["logits"], plain(x)["logits"])
+    model.train(), plain.train()
+    assert (model(x)["logits"] - plain(x)["logits"]).abs().max() > 1e-3
 
 
 def test_parse_loss_reaches_arcs_and_labels_and_ignores_padding():

@@ -32,28 +32,29 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import GENERATOR, N_TRAIN, TASK_NAMES, make_task, mix_parts, nan_mean, parse_kinds, pool_file
+from data import GENERATOR, N_TRAIN, TASK_NAMES, make_task, mix_parts, parse_kinds, pool_file
 from hrm_controller import anneal, temperature_at
 from model import CONTROLLERS, ModelConfig, PoHModel
+from stats import item_means
 
 # Per-task defaults for the flags left unset (None) on the command line: the recipes, by task name where one is
 # given (maze8), else by kind (every mazeN, every sortN).
 RECIPES = {
     "maze": dict(d_model=64, n_heads=4, n_layers=2, attn="open", d_ctrl=12, R=8, T=2, grad="tbptt", grad_steps=2,
                  supervise="last", segments=8, batching="rolling", batch_size=64, lr=1e-3, max_steps=5000,
-                 eval_interval=200, n_val=300, curriculum_steps=500, warmup=100),
+                 eval_interval=200, n_val=300, curriculum_steps=500, warmup=100, dropout=0.0, word_dropout=0.0),
     # a first run that finishes while you watch: small mazes need fewer training mazes (the pool is generated in
     # seconds), fewer segments and a short schedule
     "maze8": dict(d_model=64, n_heads=4, n_layers=2, attn="open", d_ctrl=12, R=8, T=2, grad="tbptt", grad_steps=2,
                   supervise="last", segments=4, batching="rolling", batch_size=64, lr=2e-3, warmup=50, max_steps=900,
-                  eval_interval=150, n_val=300, n_train=2000, curriculum_steps=200),
+                  eval_interval=150, n_val=300, n_train=2000, curriculum_steps=200, dropout=0.0, word_dropout=0.0),
     # dependency parsing: sentences of every length, so fixed batches of similar lengths, one segment each
     "parse": dict(d_model=128, n_heads=4, n_layers=2, attn="global", d_ctrl=16, R=4, T=2, grad="bptt", grad_steps=2,
                   supervise="last", segments=1, batching="fixed", batch_size=32, lr=1e-3, max_steps=3000,
-                  eval_interval=250, curriculum_steps=0, warmup=100),
+                  eval_interval=250, curriculum_steps=0, warmup=100, dropout=0.2, word_dropout=0.2),
     "sort": dict(d_model=128, n_heads=4, n_layers=2, attn="global", d_ctrl=16, R=4, T=2, grad="bptt", grad_steps=2,
                  supervise="all", segments=1, batching="fixed", batch_size=128, lr=1e-3, max_steps=2000,
-                 eval_interval=200, n_val=2000, curriculum_steps=0, warmup=100),
+                 eval_interval=200, n_val=2000, curriculum_steps=0, warmup=100, dropout=0.0, word_dropout=0.0),
 }
 
 
@@ -73,6 +74,8 @@ def get_parser():
                    help="mazes: maze-dataset generators, comma-separated, each with :key=value arguments; every pool "
                    "is an even mix, e.g. gen_dfs,gen_dfs_percolation:p=0.1 (perfect mazes and mazes with loops)")
     g.add_argument("--upos", default="none", choices=["none", "gold"], help="ud_ewt: also embed the gold UPOS tags")
+    g.add_argument("--word-dropout", type=float, default=None,
+                   help="ud_ewt: each training word is read as the unknown word with this probability")
     g.add_argument("--no-augment", action="store_true", help="do not apply the 8 square symmetries to mazes")
     g.add_argument("--curriculum-steps", type=int, default=None,
                    help="mazes: over this many optimizer steps the longest allowed path grows from short to any")
@@ -143,6 +146,8 @@ def add_run_flags(p):
     g.add_argument("--warmup", type=int, default=None, help="linear warmup steps")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on 2-D tensors")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
+    g.add_argument("--dropout", type=float, default=None, help="dropout on the embedded input and on each block's "
+                   "attention and MLP outputs")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
     g.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0: off); evaluation uses EMA")
 
@@ -184,6 +189,9 @@ def resolve_args(argv=None):
                     (1 <= args.top_k <= args.n_heads, f"--top-k {args.top_k} must be between 1 and --n-heads {args.n_heads}"),
                     (args.segments >= 1, "--segments must be >= 1"), (args.max_steps >= 1, "--max-steps must be >= 1"),
                     (args.batch_size >= 1, "--batch-size must be >= 1"),
+                    (0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}"),
+                    (0 <= args.word_dropout < 1, f"--word-dropout must be in [0, 1), got {args.word_dropout}"),
+                    (task_kind(args.task) == "parse" or args.word_dropout == 0, "--word-dropout is for ud_ewt only"),
                     (task_kind(args.task) != "parse" or args.batching == "fixed" and args.attn == "global",
                      "ud_ewt needs --batching fixed and --attn global (batches differ in length)")]:
         if not ok:
@@ -203,8 +211,9 @@ def model_config(args, task):
         hard_route=args.hard_route, h_gate=args.h_gate,
         reset_controller=args.reset_controller, grad=args.grad, grad_steps=args.grad_steps, supervise=args.supervise,
         ponder_weight=args.ponder_weight, ponder_prior=args.ponder_prior, label_smoothing=args.label_smoothing,
+        dropout=args.dropout,
         label_sets=task_kind(args.task) == "maze",  # maze labels are bitmasks: every shortest move is right
-        **(dict(output="biaffine", pad_token=0, n_tags=task.n_tags if args.upos == "gold" else 0)
+        **(dict(output="biaffine", pad_token=0, feature_vocab=task.feature_vocab)
            if task_kind(args.task) == "parse" else {}))
 
 
@@ -293,7 +302,9 @@ def checkpoint_temperature(ckpt):
 
 def checkpoint_config(ckpt):
     """A checkpoint's ModelConfig fields; those it predates take the value that reproduces the model it saved."""
-    return {"ctrl_where": False, **ckpt["model_args"]}  # the controller's position code came later
+    args = {"ctrl_where": False, **ckpt["model_args"]}  # the controller's position code came later
+    args.pop("n_tags", None)  # parsing's tag column became one of feature_vocab's (a tagged model will not load)
+    return args
 
 
 def load_checkpoint(path, device="cpu"):
@@ -486,7 +497,7 @@ def evaluate(model, task, x, y, segments, n_steps=None, temperature=1.0, batch_s
                 totals[s][k] = totals[s].get(k, 0.0) + v * len(xb)
     model.train()
     # means over items; a metric an item has no value for (NaN: exact for a maze without a unique path) is left out
-    per_segment = [{**{k: nan_mean(v) for k, v in it.items()}, **{k: v / len(x) for k, v in t.items()}}
+    per_segment = [{**item_means(it), **{k: v / len(x) for k, v in t.items()}}
                    for it, t in zip(items, totals)]
     result = {"per_segment": per_segment,
               "routing": None if usage is None else {"usage": usage.tolist(), "modal_share": modal.tolist()}}
@@ -540,7 +551,7 @@ def build(args, device, rank, world):
         task = make_task(args.task, seed=args.data_seed, n_train=args.n_train, n_val=args.n_val,
                          n_test=args.n_test, cache_dir=args.data_dir, target=args.target,
                          augment=not args.no_augment, progress=master and not args.no_progress,
-                         upos=args.upos == "gold", kinds=parse_kinds(args.mazes))
+                         upos=args.upos == "gold", word_dropout=args.word_dropout, kinds=parse_kinds(args.mazes))
         cfg = model_config(args, task)
         cfg.validate()
     except ValueError as exc:
