@@ -79,7 +79,8 @@ def get_parser():
     p.add_argument("--inner-steps", type=int, default=None, help="inner steps per segment (default: the model's R)")
     p.add_argument("--segments", default=None, help="segments with carried state (default: the run's), or auto: "
                    "until each item's answer is stable, up to a cap that grows with the grid")
-    p.add_argument("--n-test", type=int, default=1000, help="test items")
+    p.add_argument("--n-test", type=int, default=None, help="test items (default: as many as the run was tested on "
+                   "for its own task: 1,000 mazes, 10,000 sorts, all 2,077 sentences; 1,000 for another size)")
     p.add_argument("--data-dir", default=None, help="where generated maze sets are cached (default: the run's)")
     p.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
@@ -95,7 +96,7 @@ def get_parser():
     return p
 
 
-def score(path, task_name=None, inner_steps=None, segments=None, n_test=1000, data_dir=None,
+def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, data_dir=None,
           batch_size=128, device="cpu", ablate=None, generator=None, gen_kwargs=None):
     """Returns {"task", "inner_steps", "segments", "temperature", "ablate", "n_test", **final segment metrics,
     "per_segment": [...], "routing": last segment's per-step head usage or None, "chance": {...}}; with
@@ -115,6 +116,7 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=1000, da
     same = task_name == own and generator is None
     if generator is not None and not task_name.startswith("maze"):
         raise ValueError("--generator applies to maze tasks only")
+    n_test = n_test or (config.get("n_test") if same else 1000)  # None: the task's own default, as train.py
     task = data.make_task(task_name, seed=config.get("data_seed", 0), n_train=config.get("n_train") if same else 100,
                           n_val=config.get("n_val") if same else 0, n_test=n_test,
                           cache_dir=data_dir or train.run_data_dir(config, path),

@@ -886,7 +886,7 @@ def test_sample_maze_solves_larger_fresh_mazes_prints_and_draws(maze_run, tmp_pa
 
 
 def test_evaluate_reproduces_test_json_and_scores_larger_mazes_with_more_steps(maze_run, tmp_path, capsys):
-    own = evaluate.main([str(maze_run), "--n-test", "12", "--out", str(tmp_path / "e.json")])
+    own = evaluate.main([str(maze_run), "--out", str(tmp_path / "e.json")])  # by default the run's own test items
     test = json.load(open(maze_run / "test.json"))
     assert own["inner_steps"] == 4  # the run's --eval-steps, as its test.json was measured
     # the same weights on the same items in one batch: the same logits, so even the discrete scores agree
@@ -962,7 +962,7 @@ def test_an_empty_maze_pool_is_neither_generated_nor_cached(tmp_path):
 
 def test_evaluate_scores_a_sort_model_on_its_own_length_and_refuses_another(tmp_path):
     train.main(tiny_run_args(tmp_path, "sort6"))
-    own = evaluate.main([str(tmp_path / "run")])  # evaluate.py's default: 1,000 test items
+    own = evaluate.main([str(tmp_path / "run"), "--n-test", "1000"])
     assert own["task"] == "sort6" and own["n_test"] == 1000 and -1 <= own["tau"] <= 1
     with pytest.raises(SystemExit, match="a sorting model has a fixed length"):
         evaluate.main([str(tmp_path / "run"), "--task", "sort12"])
