@@ -50,8 +50,8 @@ RECIPES = {
                   eval_interval=150, n_val=300, n_train=2000, curriculum_steps=200, dropout=0.0, word_dropout=0.0),
     # dependency parsing: sentences of every length, so fixed batches of similar lengths, one segment each
     "parse": dict(d_model=128, n_heads=4, n_layers=2, attn="global", d_ctrl=16, R=4, T=2, grad="bptt", grad_steps=2,
-                  supervise="last", segments=1, batching="fixed", batch_size=32, lr=2e-3, max_steps=8000,
-                  eval_interval=1000, curriculum_steps=0, warmup=100, dropout=0.2, word_dropout=0.2),
+                  supervise="last", segments=1, batching="fixed", batch_size=32, lr=2e-3, max_steps=4000,
+                  eval_interval=1000, curriculum_steps=0, warmup=100, dropout=0.2, word_dropout=0.35),
     "sort": dict(d_model=128, n_heads=4, n_layers=2, attn="global", d_ctrl=16, R=4, T=2, grad="bptt", grad_steps=2,
                  supervise="all", segments=1, batching="fixed", batch_size=128, lr=1e-3, max_steps=2000,
                  eval_interval=200, n_val=2000, curriculum_steps=0, warmup=100, dropout=0.0, word_dropout=0.0),
