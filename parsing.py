@@ -240,18 +240,22 @@ def shape(word):
     return "title" if word[0].isupper() else "lower"
 
 
+# How a sentence is read, one id column each: the word (lowercased), its suffix, its shape, and its gold UPOS tag
+# (used with --upos gold). The vocabularies are built from the training sentences with the same readers.
+COLUMNS = (lambda s: [w.lower() for w in s.words], lambda s: [w.lower()[-SUFFIX:] for w in s.words],
+           lambda s: [shape(w) for w in s.words], lambda s: s.upos)
+
+
 def encode_sentences(sentences, vocabs, labels):
     """x (B, n+1, C): per token, C ids, one per vocabulary in vocabs (word, suffix, shape, and the gold UPOS tag
     if it is given); y (B, n+1, 2): gold heads and label ids. Position 0 is ROOT; rows are padded to the longest
     sentence with PAD in x and -100 (ignored) in y."""
-    reads = [lambda s: [w.lower() for w in s.words], lambda s: [w.lower()[-SUFFIX:] for w in s.words],
-             lambda s: [shape(w) for w in s.words], lambda s: s.upos][:len(vocabs)]
     n = max(len(s.words) for s in sentences) + 1
     x = torch.full((len(sentences), n, len(vocabs)), PAD, dtype=torch.long)
     y = torch.full((len(sentences), n, 2), -100, dtype=torch.long)
     for i, s in enumerate(sentences):
         x[i, 0] = ROOT
-        for c, (vocab, read) in enumerate(zip(vocabs, reads)):
+        for c, (vocab, read) in enumerate(zip(vocabs, COLUMNS)):
             x[i, 1:len(s.words) + 1, c] = torch.tensor([vocab.get(v, UNK) for v in read(s)])
         y[i, 1:len(s.words) + 1, 0] = torch.tensor(s.heads)
         y[i, 1:len(s.words) + 1, 1] = torch.tensor([labels.get(lab, UNK) for lab in s.labels()])
@@ -267,11 +271,9 @@ class ParseTask:
         paths = ud_files(data_dir, progress)
         self.sentences = {split: read_conllu(path)[0] for split, path in paths.items()}
         train = self.sentences["train"]
-        forms = [w for s in train for w in s.words]
-        self.words = build_vocab([w.lower() for w in forms], MIN_COUNT)
-        self.suffixes = build_vocab([w.lower()[-SUFFIX:] for w in forms], MIN_COUNT)
-        self.shapes = build_vocab([shape(w) for w in forms])
-        self.tags = build_vocab([t for s in train for t in s.upos])
+        self.words, self.suffixes, self.shapes, self.tags = (
+            build_vocab([v for s in train for v in read(s)], min_count)
+            for read, min_count in zip(COLUMNS, (MIN_COUNT, MIN_COUNT, 1, 1)))
         self.labels = build_vocab([lab for s in train for lab in s.labels()])
         self.label_names = {i: lab for lab, i in self.labels.items()}
         # the input columns: the word, its suffix and shape (words only), and the gold UPOS tag with upos=True
@@ -306,7 +308,7 @@ class ParseTask:
     def metrics(self, logits, x, y, per_item=False):
         """uas and las of the decoded trees (Chu-Liu/Edmonds), over all words; not_tree: the share of sentences
         whose greedy (argmax) heads did not form a tree. per_item=True: a list per metric, one value per sentence,
-        and "words", each sentence's word count (data.item_means weights uas and las by it)."""
+        and "words", each sentence's word count (stats.item_means weights uas and las by it)."""
         arc, lab = (t.detach().float().cpu() for t in logits)
         y = y.cpu()
         items = {"uas": [], "las": [], "not_tree": [], "words": []}
