@@ -5,7 +5,7 @@ The recurrent PoH model: one small transformer applied R times ("inner steps"), 
     for t in 0..R-1:
         alpha_t, state = controller(h + e, state, t)      (B, N, H)   or uniform for controller="none"
         h = blocks(norm(h) + e, alpha_t)                   input injection, then the L PoH blocks
-        logits_t = head(norm(h))                           (B, N, C)
+        logits_t = head(norm(h))                           (B, N, C), only at the steps whose answer is used
 
 Gradients: grad="bptt" backpropagates through all R steps (memory grows with R); grad="tbptt" runs the first
 R - grad_steps steps under torch.no_grad() and only the last grad_steps carry gradient (memory flat in R).
@@ -262,7 +262,11 @@ class PoHModel(nn.Module):
                 h = self.norm_in(h) + e
                 for block in self.blocks:
                     h = block(h, alpha, rope, mask)
-                logits = self.head(self.norm_out(h)) if cfg.output == "classes" else self.head(self.norm_out(h), pad)
+                # the output layer only where its answer is used (the biaffine parser's is a large part of a step)
+                if self.halt is not None or trace or t == R - 1 or (y is not None and t in supervised
+                                                                    and t >= first_grad):
+                    out = self.norm_out(h)
+                    logits = self.head(out) if cfg.output == "classes" else self.head(out, pad)
                 if p is not None and t >= first_grad:
                     entropies.append(routing_entropy(p))
                     if balance_weight:

@@ -1816,6 +1816,22 @@ def test_padding_never_changes_the_parsers_scores_for_the_real_words(ud_sample_d
     assert torch.isinf(arc_b[0, :n, n:]).all()  # padding is never a candidate head
 
 
+def test_the_output_layer_runs_only_at_the_steps_whose_answer_is_used(ud_sample_dir):
+    task = parsing.ParseTask("ud_ewt", str(ud_sample_dir), progress=False)
+    cfg = ModelConfig(vocab_size=task.vocab_size, n_classes=task.n_classes, d_model=16, n_heads=2, n_layers=1,
+                      d_ctrl=8, R=4, pos="rope2d", attn="global", controller="hrm", output="biaffine", pad_token=0,
+                      feature_vocab=task.feature_vocab, supervise="last")
+    model = PoHModel(cfg, verbose=False)
+    calls = []
+    model.head.register_forward_hook(lambda *_: calls.append(1))
+    x, y = task.encode(task.sentences["dev"][:3])
+    model(x, y=y)["loss"].backward()
+    assert len(calls) == 1  # the biaffine scores of 3 unsupervised inner steps are never computed
+    calls.clear()
+    out = model(x, y=y, trace=True)
+    assert len(calls) == 4 and all(step["logits"] is not None for step in out["trace"])
+
+
 def test_uas_and_las_are_means_over_all_words_not_over_sentences(ud_sample_dir):
     task = parsing.ParseTask("ud_ewt", str(ud_sample_dir), progress=False)
     # sentence 0: one word, its head (ROOT) and label right; sentence 1: three words, every head wrong
