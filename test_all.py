@@ -1933,6 +1933,19 @@ def test_the_pretrained_maze_model_loads_and_solves_fresh_maze12_mazes():
     assert json.load(open(os.path.join(path, "test.json")))["optimal"] > 0.99
 
 
+def test_the_pretrained_sort_model_is_stored_in_half_precision_and_ranks_fresh_arrays():
+    path = os.path.join(REPO, "pretrained", "sort12-hrm")
+    assert os.path.getsize(os.path.join(path, "best.pt")) < 2**20  # float16 weights keep it under 1 MB
+    model, ckpt = train.load_checkpoint(train.checkpoint_file(path))
+    assert ckpt["model"]["embed.weight"].dtype == torch.float16
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # loaded into the usual float32 model
+    task = data.make_task("sort12", n_val=10, n_test=10)
+    x, y = task.train_batch(500, torch.Generator().manual_seed(7))
+    scored = train.evaluate(model, task, x, y, 1, temperature=train.checkpoint_temperature(ckpt))
+    assert scored["per_segment"][-1]["tau"] > 0.45  # an untrained model ranks the hidden values at chance
+    assert json.load(open(os.path.join(path, "test.json")))["tau"] > 0.49
+
+
 def test_a_mix_of_maze_kinds_trains_and_evaluates_on_the_same_mix(tmp_path, capsys):
     assert data.parse_kinds("gen_dfs, gen_dfs_percolation:p=0.1:q=x") == [
         ("gen_dfs", {}), ("gen_dfs_percolation", {"p": 0.1, "q": "x"})]
