@@ -354,6 +354,10 @@ def test_unset_flags_take_the_task_recipe_and_explicit_flags_win():
     assert (sort.batching, sort.max_steps, sort.attn, sort.segments) == ("fixed", 2000, "global", 1)
     mine = train.resolve_args(["--task", "maze12", "--batching", "fixed", "--max-steps", "4000", "--R", "3"])
     assert (mine.batching, mine.max_steps, mine.R, mine.d_model) == ("fixed", 4000, 3, 64)
+    assert (maze.top_k, sort.top_k) == (2, 2)
+    # --top-k 0 keeps every head (the parsing recipe's choice); an explicit value still wins
+    assert train.resolve_args(["--task", "maze12", "--top-k", "0", "--n-heads", "8"]).top_k == 8
+    assert train.resolve_args(["--task", "ud_ewt", "--top-k", "1"]).top_k == 1
 
 
 @pytest.mark.parametrize("L", [16, 20, 24])
@@ -1793,6 +1797,7 @@ def test_two_step_parsing_run_on_the_sample_prints_uas_and_las(ud_sample_dir, tm
     assert 0 <= result["las"] <= result["uas"] <= 1 and 0 <= result["not_tree"] <= 1
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model"]["output"] == "biaffine" and config["model"]["pad_token"] == 0
+    assert config["model"]["top_k"] == 2 and config["top_k"] == 2  # the parsing recipe keeps all (here 2) heads
 
 
 def test_padding_never_changes_the_parsers_scores_for_the_real_words(ud_sample_dir):
