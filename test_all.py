@@ -357,7 +357,8 @@ def test_unset_flags_take_the_task_recipe_and_explicit_flags_win():
     assert (maze.top_k, sort.top_k) == (2, 2)
     # --top-k 0 keeps every head (the parsing recipe's choice); an explicit value still wins
     assert train.resolve_args(["--task", "maze12", "--top-k", "0", "--n-heads", "8"]).top_k == 8
-    assert train.resolve_args(["--task", "ud_ewt", "--top-k", "1"]).top_k == 1
+    parse = train.resolve_args(["--task", "ud_ewt", "--top-k", "1"])
+    assert (parse.top_k, parse.n_layers, parse.max_steps) == (1, 3, 4000)
 
 
 @pytest.mark.parametrize("L", [16, 20, 24])

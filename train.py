@@ -51,7 +51,7 @@ RECIPES = {
                   word_dropout=0.0),
     # dependency parsing: sentences of every length, so fixed batches of similar lengths, one segment each; the
     # router weights all 4 heads (top_k 0: keeping 2 of them cost about a point of dev UAS, docs/experiments.md)
-    "parse": dict(d_model=128, n_heads=4, n_layers=2, attn="global", d_ctrl=16, R=4, T=2, top_k=0, grad="bptt",
+    "parse": dict(d_model=128, n_heads=4, n_layers=3, attn="global", d_ctrl=16, R=4, T=2, top_k=0, grad="bptt",
                   grad_steps=2, supervise="last", segments=1, batching="fixed", batch_size=32, lr=2e-3, max_steps=4000,
                   eval_interval=1000, curriculum_steps=0, warmup=100, dropout=0.2, word_dropout=0.35),
     "sort": dict(d_model=128, n_heads=4, n_layers=2, attn="global", d_ctrl=16, R=4, T=2, top_k=2, grad="bptt",
