@@ -680,14 +680,15 @@ def test_logged_samples_per_second_leave_out_evaluation_time(tmp_path, monkeypat
     real_evaluate = train.evaluate
 
     def slow_evaluate(*args, **kwargs):
-        time.sleep(1.0)
+        time.sleep(2.0)
         return real_evaluate(*args, **kwargs)
     monkeypatch.setattr(train, "evaluate", slow_evaluate)
     train.main(tiny_run_args(tmp_path, "sort6", "--max-steps", "4"))  # evaluations at steps 2 and 4
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     after_eval = [r for r in rows if r.get("split") == "train" and r["step"] == 4][0]
-    # 8 samples (batch 4 x 2 segments) since the 1 s evaluation: counting it would give at most 8 samples/s
-    assert after_eval["samples_per_s"] > 16
+    # 8 samples (batch 4 x 2 segments) since the 2 s evaluation: counting it would give at most 4 samples/s; the
+    # margin lets a busy machine take up to 1.3 s for the tiny step itself
+    assert after_eval["samples_per_s"] > 6
 
 
 def test_save_then_resume_continues_from_the_saved_step(tmp_path):
