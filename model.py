@@ -262,9 +262,9 @@ class PoHModel(nn.Module):
                 h = self.norm_in(h) + e
                 for block in self.blocks:
                     h = block(h, alpha, rope, mask)
+                scored = y is not None and t in supervised and t >= first_grad  # this step's answer gets the loss
                 # the output layer only where its answer is used (the biaffine parser's is a large part of a step)
-                if self.halt is not None or trace or t == R - 1 or (y is not None and t in supervised
-                                                                    and t >= first_grad):
+                if self.halt is not None or trace or t == R - 1 or scored:
                     out = self.norm_out(h)
                     logits = self.head(out) if cfg.output == "classes" else self.head(out, pad)
                 if p is not None and t >= first_grad:
@@ -276,7 +276,7 @@ class PoHModel(nn.Module):
                     step_logits.append(logits)
                     if y is not None:
                         step_losses.append(token_loss(logits, y, cfg.label_smoothing, cfg.label_sets))
-                elif y is not None and t in supervised and t >= first_grad:
+                elif scored:
                     loss_t = (token_loss(logits, y, cfg.label_smoothing, cfg.label_sets) if cfg.output == "classes"
                               else parse_loss(logits, y))
                     task_terms.append(loss_t.mean())
