@@ -350,7 +350,8 @@ def test_supervise_every_3_gives_gradient_only_to_the_intended_steps():
 
 def test_unset_flags_take_the_task_recipe_and_explicit_flags_win():
     maze, sort = train.resolve_args(["--task", "maze12"]), train.resolve_args(["--task", "sort12"])
-    assert (maze.batching, maze.max_steps, maze.attn, maze.segments) == ("rolling", 5000, "open", 8)
+    assert (maze.batching, maze.max_steps, maze.attn, maze.segments, maze.R) == ("rolling", 3000, "open", 16, 4)
+    assert (maze.ema, sort.ema, train.resolve_args(["--task", "maze12", "--ema", "0"]).ema) == (0.995, 0.0, 0.0)
     assert (sort.batching, sort.max_steps, sort.attn, sort.segments) == ("fixed", 2000, "global", 1)
     mine = train.resolve_args(["--task", "maze12", "--batching", "fixed", "--max-steps", "4000", "--R", "3"])
     assert (mine.batching, mine.max_steps, mine.R, mine.d_model) == ("fixed", 4000, 3, 64)
@@ -358,7 +359,7 @@ def test_unset_flags_take_the_task_recipe_and_explicit_flags_win():
     # --top-k 0 keeps every head (the parsing recipe's choice); an explicit value still wins
     assert train.resolve_args(["--task", "maze12", "--top-k", "0", "--n-heads", "8"]).top_k == 8
     parse = train.resolve_args(["--task", "ud_ewt", "--top-k", "1"])
-    assert (parse.top_k, parse.n_layers, parse.max_steps) == (1, 3, 4000)
+    assert (parse.top_k, parse.n_layers, parse.max_steps, parse.ema) == (1, 3, 4000, 0.999)
 
 
 @pytest.mark.parametrize("L", [16, 20, 24])
@@ -709,6 +710,7 @@ def test_save_then_resume_continues_from_the_saved_step(tmp_path):
     (["--top-k", "3"], "--top-k 3 must be between 1 and --n-heads 2"),
     (["--T", "0"], "--T must be >= 1"),
     (["--R", "0"], "--R must be >= 1"),
+    (["--ema", "1"], "--ema must be in [0, 1)"),
     (["--resume"], "no checkpoint"),
 ])
 def test_bad_flags_give_one_line_errors(tmp_path, capsys, extra, message):
