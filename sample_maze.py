@@ -5,6 +5,7 @@ Load a trained maze checkpoint, solve fresh mazes, print them as ASCII and draw 
     python sample_maze.py runs/maze12-hrm-s0 --num-samples 8 --seed 3 --out docs/samples.png
     python sample_maze.py runs/maze12-hrm-s0 --grid-n 16 --inner-steps 12     # larger than trained, more steps
     python sample_maze.py runs/maze12-hrm-s0 --show-steps --diag              # refinement strip, routing diagnostics
+    python sample_maze.py runs/maze12-hrm-s0 --grid-n 24 --generator gen_dfs_percolation --gen-arg p=0.1  # loops
 
 The checkpoint is a file (best.pt, ckpt.pt) or a run folder (its best.pt). Fresh mazes come from data.py's
 generator with seed 1,000,000 + --seed, a stream apart from the train/val/test pools (seeds 0, 1, 2, ...), and
@@ -12,7 +13,8 @@ nothing is cached. The model runs as it was evaluated in training: the checkpoin
 the temperature it trained at when saved, its top-k and hard/soft routing.
 
 ASCII legend: walls are + - |, S start, G goal, * predicted path on the true path, x predicted path off the true
-path (a wrong cell), o true path the prediction missed, blank: neither.
+path (a wrong cell), o true path the prediction missed, blank: neither. The true path is a shortest path: the
+predicted one where that is as short (mazes with loops can have several), else the labels' own.
 
 Outputs: --out (default <run folder>/samples.png) holds the solved mazes; --show-steps adds <out>_steps.png,
 one panel per inner step for the first maze; --diag prints per inner step the routing entropy, the mean max head
@@ -63,9 +65,10 @@ def render_ascii(open_sides, start, goal, true_path, pred_path):
     return "\n".join(lines)
 
 
-def fresh_mazes(n, count, seed, target):
-    """count new n x n mazes: inputs x (B, n*n), labels y (B, n*n) and the pool arrays (open, start, goal)."""
-    pool = data.generate_mazes(n, count, FRESH_SEED_BASE + seed)
+def fresh_mazes(n, count, seed, target, generator=data.GENERATOR, gen_kwargs=None):
+    """count new n x n mazes of a maze-dataset generator (perfect DFS mazes by default): inputs x (B, n*n),
+    labels y (B, n*n) and the pool arrays (open, start, goal)."""
+    pool = data.generate_mazes(n, count, FRESH_SEED_BASE + seed, generator=generator, gen_kwargs=gen_kwargs)
     x = data.encode(pool["open"], pool["start"], pool["goal"]).reshape(count, n * n)
     y = data.batch_labels(pool["open"], pool["start"], pool["dist"].astype(np.int64), target)
     return torch.from_numpy(x), torch.from_numpy(y), pool
@@ -145,8 +148,11 @@ def maze_record(pool, b, scores, y, target):
     n = o.shape[0]
     right = (np.where(y >= 0, y, 0) >> scores.argmax(-1)) & 1  # the best-scored class is one of the right ones
     wrong = np.flatnonzero((right == 0) & (y != data.IGNORE))
-    return {"open": o, "start": s, "goal": g, "true_path": data.solve(o, s, g)[1],
-            "pred_path": data.rollout(scores, o, s, g, target), "cell_errors": [(i // n, i % n) for i in wrong]}
+    true, pred = data.solve(o, s, g)[1], data.rollout(scores, o, s, g, target)
+    if pred[-1] == g and len(pred) == len(true):
+        true = pred  # a maze with loops can have several shortest paths: show the one taken, not a rival as wrong
+    return {"open": o, "start": s, "goal": g, "true_path": true, "pred_path": pred,
+            "cell_errors": [(i // n, i % n) for i in wrong]}
 
 
 def load_maze_model(path, device="cpu"):
@@ -169,6 +175,10 @@ def get_parser():
     p.add_argument("--num-samples", type=int, default=4, help="fresh mazes to solve")
     p.add_argument("--seed", type=int, default=0, help="which fresh mazes (generator seed 1,000,000 + seed)")
     p.add_argument("--grid-n", type=int, default=None, help="maze side (default: the trained size)")
+    p.add_argument("--generator", default=data.GENERATOR, help="maze-dataset generator of the fresh mazes, e.g. "
+                   "gen_dfs_percolation (mazes with loops) or gen_wilson")
+    p.add_argument("--gen-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="an argument of --generator, e.g. p=0.1 (loop density of gen_dfs_percolation); repeatable")
     p.add_argument("--inner-steps", type=int, default=None, help="inner steps per segment (default: as trained)")
     p.add_argument("--segments", type=int, default=None, help="segments (default: the checkpoint's)")
     p.add_argument("--out", default=None, help="PNG of the solved mazes (default <run folder>/samples.png)")
@@ -185,6 +195,10 @@ def main(argv=None):
     if args.num_samples < 1:
         raise SystemExit("error: --num-samples must be >= 1")
     try:
+        gen_kwargs = data.parse_gen_args(args.gen_arg)
+    except ValueError as exc:
+        raise SystemExit(f"error: --gen-arg: {exc}") from None
+    try:
         device = train.pick_device(args.device)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -199,10 +213,13 @@ def main(argv=None):
     stem = os.path.splitext(out)[0]
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     print(f"{path}: {config['task']} {cfg.controller} model (step {ckpt.get('step')}), solving "
-          f"{args.num_samples} fresh {n}x{n} mazes with {segments} segments x {n_steps} inner steps, "
+          f"{args.num_samples} fresh {n}x{n} mazes ({data.generator_name(args.generator, gen_kwargs)}) with {segments} segments x {n_steps} inner steps, "
           f"temperature {temperature:.2f}")
 
-    x, y, pool = fresh_mazes(n, args.num_samples, args.seed, target)
+    try:
+        x, y, pool = fresh_mazes(n, args.num_samples, args.seed, target, args.generator, gen_kwargs)
+    except (ValueError, TypeError) as exc:  # no such generator, or an argument it does not take
+        raise SystemExit(f"error: {exc}") from None
     logits, steps = run_traced(model, x.to(device), (n, n), segments, n_steps, temperature)
     scores = logits.float().cpu().numpy()
     mazes, titles = [], []

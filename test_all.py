@@ -893,6 +893,32 @@ def test_sample_maze_solves_larger_fresh_mazes_prints_and_draws(maze_run, tmp_pa
         assert_png(path)
 
 
+def test_sample_maze_draws_mazes_with_loops_and_shows_an_equally_short_path_as_right(maze_run, tmp_path, capsys):
+    # a 2x2 maze with every passage open: (0,0) -> (1,1) has two shortest paths; the labels' own goes east first
+    o = np.array([[[0, 1, 1, 0], [0, 0, 1, 1]], [[1, 1, 0, 0], [1, 0, 0, 1]]], dtype=bool)
+    dist, labelled = data.solve(o, (0, 0), (1, 1))
+    assert labelled == [(0, 0), (0, 1), (1, 1)]
+    y = data.batch_labels(o[None], np.array([[0, 0]]), dist[None].astype(np.int64))[0]
+    scores = np.zeros((4, 5), dtype=np.float32)
+    scores[0, 2] = scores[2, 1] = 1.0  # south, then east: the other shortest path
+    scores[1, 2] = scores[3, 4] = 1.0  # and every other cell right too: (0,1) south, the goal stays
+    m = sample_maze.maze_record({"open": o[None], "start": [(0, 0)], "goal": [(1, 1)]}, 0, scores, y, "direction")
+    assert m["pred_path"] == m["true_path"] == [(0, 0), (1, 0), (1, 1)] and m["cell_errors"] == []
+    assert sample_maze.render_ascii(o, (0, 0), (1, 1), m["true_path"], m["pred_path"]).count("x") == 0
+    # fresh mazes with loops: more open passages than a tree's n*n - 1
+    out = tmp_path / "loops.png"
+    sample_maze.main([str(maze_run), "--num-samples", "3", "--grid-n", "6", "--generator", "gen_dfs_percolation",
+                      "--gen-arg", "p=0.5", "--no-ascii", "--out", str(out)])
+    assert "(gen_dfs_percolation-p0.5)" in capsys.readouterr().out
+    assert_png(out)
+    _, _, pool = sample_maze.fresh_mazes(6, 3, 0, "direction", "gen_dfs_percolation", {"p": 0.5})
+    assert (pool["open"].sum((1, 2, 3)) // 2 > 35).all()
+    for argv, message in [(["--generator", "gen_nothing"], "no generator 'gen_nothing'"),
+                          (["--gen-arg", "p"], "--gen-arg: generator arguments are KEY=VALUE")]:
+        with pytest.raises(SystemExit, match=message):
+            sample_maze.main([str(maze_run), "--num-samples", "1", "--no-ascii", "--out", str(out), *argv])
+
+
 def test_evaluate_reproduces_test_json_and_scores_larger_mazes_with_more_steps(maze_run, tmp_path, capsys):
     own = evaluate.main([str(maze_run), "--out", str(tmp_path / "e.json")])  # by default the run's own test items
     test = json.load(open(maze_run / "test.json"))
