@@ -296,12 +296,16 @@ def parse_kinds(spec):
 
 
 def parse_gen_args(items):
-    """Generator arguments from KEY=VALUE texts -> dict, each value read as a number where it is one."""
+    """Generator arguments from KEY=VALUE texts -> dict, each value read as a number where it is one, true and
+    false as booleans."""
     kwargs = {}
     for item in items:
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise ValueError(f"generator arguments are KEY=VALUE, got {item!r}")
+        if value.lower() in ("true", "false"):
+            kwargs[key] = value.lower() == "true"
+            continue
         try:
             kwargs[key] = float(value) if "." in value or "e" in value.lower() else int(value)
         except ValueError:
@@ -332,12 +336,18 @@ def maze_dataset_chunk(n, count, seed, generator=GENERATOR, gen_kwargs=None):
     from maze_dataset import LatticeMazeGenerators, MazeDataset, MazeDatasetConfig
     with preserved_global_rngs(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it warns whenever the seed differs from its global default
-        if not hasattr(LatticeMazeGenerators, generator):
+        if not generator.startswith("gen_") or not hasattr(LatticeMazeGenerators, generator):
             raise ValueError(f"maze-dataset has no generator {generator!r}")
-        cfg = MazeDatasetConfig(name="hrm-poh", grid_n=n, n_mazes=count, seed=seed,
-                                maze_ctor=getattr(LatticeMazeGenerators, generator), maze_ctor_kwargs=gen_kwargs or {})
-        ds = MazeDataset.from_config(cfg, do_generate=True, load_local=False, save_local=False,
-                                     do_download=False, gen_parallel=False, verbose=False)
+        try:
+            cfg = MazeDatasetConfig(name="hrm-poh", grid_n=n, n_mazes=count, seed=seed,
+                                    maze_ctor=getattr(LatticeMazeGenerators, generator),
+                                    maze_ctor_kwargs=gen_kwargs or {})
+            ds = MazeDataset.from_config(cfg, do_generate=True, load_local=False, save_local=False,
+                                         do_download=False, gen_parallel=False, verbose=False)
+        except Exception as exc:  # an argument it does not take, or mazes it cannot make (gen_percolation's
+            # disconnected ones): one error the tools can print as a line
+            raise ValueError(f"maze-dataset could not make {generator_name(generator, gen_kwargs)} mazes: "
+                             f"{type(exc).__name__}: {exc}") from exc
     return list(ds.mazes)
 
 

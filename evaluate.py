@@ -173,7 +173,7 @@ def main(argv=None):
         result = score(args.checkpoint, args.task, args.inner_steps, args.segments, args.n_test, args.data_dir,
                        args.batch_size, train.pick_device(args.device), args.ablate_routing, args.generator,
                        gen_kwargs or None)
-    except (FileNotFoundError, ValueError, TypeError) as exc:  # TypeError: an argument the generator does not take
+    except (FileNotFoundError, ValueError) as exc:  # ValueError: also an argument the generator does not take
         raise SystemExit(f"error: {exc}") from None
     print(f"{result['checkpoint']} (step {result['step']}) on {result['task']}"
           + (f" ({result['generator']})" if result["generator"] else "") + f": {result['n_test']} test items, "

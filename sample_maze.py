@@ -7,14 +7,15 @@ Load a trained maze checkpoint, solve fresh mazes, print them as ASCII and draw 
     python sample_maze.py runs/maze12-hrm-s0 --show-steps --diag              # refinement strip, routing diagnostics
     python sample_maze.py runs/maze12-hrm-s0 --grid-n 24 --generator gen_dfs_percolation --gen-arg p=0.1  # loops
 
-The checkpoint is a file (best.pt, ckpt.pt) or a run folder (its best.pt). Fresh mazes come from data.py's
-generator with seed 1,000,000 + --seed, a stream apart from the train/val/test pools (seeds 0, 1, 2, ...), and
-nothing is cached. The model runs as it was evaluated in training: the checkpoint's segments, its inner steps,
+The checkpoint is a file (best.pt, ckpt.pt) or a run folder (its best.pt). Fresh mazes come from a maze-dataset
+generator (--generator, default DFS; --gen-arg for its arguments) with seed 1,000,000 + --seed, a stream apart
+from the train/val/test pools (seeds 0, 1, 2, ...), and nothing is cached. The model runs as it was evaluated in training: the checkpoint's segments, its inner steps,
 the temperature it trained at when saved, its top-k and hard/soft routing.
 
 ASCII legend: walls are + - |, S start, G goal, * predicted path on the true path, x predicted path off the true
 path (a wrong cell), o true path the prediction missed, blank: neither. The true path is a shortest path: the
-predicted one where that is as short (mazes with loops can have several), else the labels' own.
+predicted one where that reaches the goal as quickly (mazes with loops can have several), else the labels' own,
+so a prediction that follows an equally short rival and stops short shows the rival's cells as x.
 
 Outputs: --out (default <run folder>/samples.png) holds the solved mazes; --show-steps adds <out>_steps.png,
 one panel per inner step for the first maze; --diag prints per inner step the routing entropy, the mean max head
@@ -213,12 +214,13 @@ def main(argv=None):
     stem = os.path.splitext(out)[0]
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     print(f"{path}: {config['task']} {cfg.controller} model (step {ckpt.get('step')}), solving "
-          f"{args.num_samples} fresh {n}x{n} mazes ({data.generator_name(args.generator, gen_kwargs)}) with {segments} segments x {n_steps} inner steps, "
+          f"{args.num_samples} fresh {n}x{n} mazes ({data.generator_name(args.generator, gen_kwargs)}) with "
+          f"{segments} segments x {n_steps} inner steps, "
           f"temperature {temperature:.2f}")
 
     try:
         x, y, pool = fresh_mazes(n, args.num_samples, args.seed, target, args.generator, gen_kwargs)
-    except (ValueError, TypeError) as exc:  # no such generator, or an argument it does not take
+    except ValueError as exc:  # no such generator, an argument it does not take, mazes it cannot make
         raise SystemExit(f"error: {exc}") from None
     logits, steps = run_traced(model, x.to(device), (n, n), segments, n_steps, temperature)
     scores = logits.float().cpu().numpy()

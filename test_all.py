@@ -913,7 +913,11 @@ def test_sample_maze_draws_mazes_with_loops_and_shows_an_equally_short_path_as_r
     assert_png(out)
     _, _, pool = sample_maze.fresh_mazes(6, 3, 0, "direction", "gen_dfs_percolation", {"p": 0.5})
     assert (pool["open"].sum((1, 2, 3)) // 2 > 35).all()
+    assert data.parse_gen_args(["p=0.5", "n=3", "do_forks=False", "name=x"]) == {"p": 0.5, "n": 3, "do_forks": False,
+                                                                               "name": "x"}
     for argv, message in [(["--generator", "gen_nothing"], "no generator 'gen_nothing'"),
+                          (["--generator", "__class__"], "no generator '__class__'"),
+                          (["--generator", "gen_dfs", "--gen-arg", "q=1"], "could not make gen_dfs-q1 mazes: TypeError"),
                           (["--gen-arg", "p"], "--gen-arg: generator arguments are KEY=VALUE")]:
         with pytest.raises(SystemExit, match=message):
             sample_maze.main([str(maze_run), "--num-samples", "1", "--no-ascii", "--out", str(out), *argv])
