@@ -9,8 +9,9 @@ Load a trained maze checkpoint, solve fresh mazes, print them as ASCII and draw 
 
 The checkpoint is a file (best.pt, ckpt.pt) or a run folder (its best.pt). Fresh mazes come from a maze-dataset
 generator (--generator, default DFS; --gen-arg for its arguments) with seed 1,000,000 + --seed, a stream apart
-from the train/val/test pools (seeds 0, 1, 2, ...), and nothing is cached. The model runs as it was evaluated in training: the checkpoint's segments, its inner steps,
-the temperature it trained at when saved, its top-k and hard/soft routing.
+from the train/val/test pools (seeds 0, 1, 2, ...), and nothing is cached. The model runs as it was evaluated
+in training: the checkpoint's segments, its inner steps, the temperature it trained at when saved, its top-k and
+hard/soft routing.
 
 ASCII legend: walls are + - |, S start, G goal, * predicted path on the true path, x predicted path off the true
 path (a wrong cell), o true path the prediction missed, blank: neither. The true path is a shortest path: the

@@ -913,8 +913,6 @@ def test_sample_maze_draws_mazes_with_loops_and_shows_an_equally_short_path_as_r
     assert_png(out)
     _, _, pool = sample_maze.fresh_mazes(6, 3, 0, "direction", "gen_dfs_percolation", {"p": 0.5})
     assert (pool["open"].sum((1, 2, 3)) // 2 > 35).all()
-    assert data.parse_gen_args(["p=0.5", "n=3", "do_forks=False", "name=x"]) == {"p": 0.5, "n": 3, "do_forks": False,
-                                                                               "name": "x"}
     for argv, message in [(["--generator", "gen_nothing"], "no generator 'gen_nothing'"),
                           (["--generator", "__class__"], "no generator '__class__'"),
                           (["--generator", "gen_dfs", "--gen-arg", "q=1"], "could not make gen_dfs-q1 mazes: TypeError"),
@@ -1988,6 +1986,8 @@ def test_the_pretrained_sort_model_is_stored_in_half_precision_and_ranks_fresh_a
 def test_a_mix_of_maze_kinds_trains_and_evaluates_on_the_same_mix(tmp_path, capsys):
     assert data.parse_kinds("gen_dfs, gen_dfs_percolation:p=0.1:q=x") == [
         ("gen_dfs", {}), ("gen_dfs_percolation", {"p": 0.1, "q": "x"})]
+    assert data.parse_gen_args(["p=0.5", "n=3", "do_forks=False", "name=x"]) == {"p": 0.5, "n": 3, "do_forks": False,
+                                                                               "name": "x"}
     for bad in ("gen_dfs:p", "gen_dfs,,gen_dfs", ":p=1"):
         with pytest.raises(ValueError):
             data.parse_kinds(bad)
