@@ -1348,7 +1348,7 @@ def test_bad_checkpoints_give_one_line_errors_and_are_left_as_they_were(tmp_path
         (good[:len(good) // 2], [], "is not a readable checkpoint"),  # cut short
         ((tmp_path / "foreign.pt").read_bytes(), [], "is not an hrm-poh checkpoint"),
         (best, [], "holds weights only"),
-        (good, ["--d-model", "32"], "checkpoint model differs from the flags (saved, flags): {'d_model': (16, 32)}"),
+        (good, ["--d-model", "32"], "differs from the flags (saved, flags): {'d_model': (16, 32)}"),
         (good, ["--ema", "0.9"], "cannot resume from"),  # this run kept no EMA
     ]
     for content, extra, message in cases:

@@ -4,6 +4,7 @@ Train a recurrent PoH model on a maze or sorting task, evaluate it, and save the
     python train.py --task maze12 --controller hrm            # CPU, CUDA or MPS, picked automatically
     python train.py --task sort12 --controller hrm
     python train.py --task maze12 --out-dir runs/m --resume   # continue an interrupted run
+    python train.py --task maze12 --mazes loops --init-from runs/maze12-hrm-s0   # fine-tune a trained model
     torchrun --standalone --nproc_per_node=2 train.py --task sort12   # several processes (gloo on CPU, nccl on CUDA)
 
 A run leaves in --out-dir: config.json (every resolved flag), ckpt.pt (latest state, for --resume), best.pt (the
@@ -171,6 +172,9 @@ def add_run_flags(p):
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--out-dir", default=None, help="output folder (default runs/<task>-<controller>-s<seed>)")
     g.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
+    g.add_argument("--init-from", default=None, metavar="RUN",
+                   help="start from the weights of a run folder's best.pt (or a .pt file) with the same model "
+                        "flags; the optimizer, schedule and step start afresh (fine-tuning)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
 
 
@@ -578,7 +582,35 @@ def build(args, device, rank, world):
                         step=0, best=-float("inf"), trained=0.0)  # trained: seconds of training, over every resume
     if args.resume:
         restore(r)
+    elif args.init_from:
+        init_weights(r, args.init_from)
     return r
+
+
+def check_same_model(r, ckpt, path):
+    """SystemExit with the differing fields unless the checkpoint's model is the one the flags build."""
+    flags = asdict(r.cfg)
+    saved = {**asdict(ModelConfig()), **checkpoint_config(ckpt)}  # other fields newer than it: their defaults
+    if saved != flags:
+        diff = {k: (v, flags.get(k)) for k, v in saved.items() if flags.get(k) != v}
+        raise SystemExit(f"error: the model of {path} differs from the flags (saved, flags): {diff}")
+
+
+def init_weights(r, path):
+    """--init-from: copy a trained model's weights (its EMA weights where it kept them) into the model and its
+    EMA copy; everything else (optimizer, schedule, step, data order) starts as in a fresh run."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "best.pt")
+    try:
+        trained, ckpt = load_checkpoint(path)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: --init-from: {exc}") from None
+    check_same_model(r, ckpt, path)
+    r.model.load_state_dict(trained.state_dict())
+    if r.ema is not None:
+        r.ema.load_state_dict(trained.state_dict())
+    if r.master:
+        print(f"initialised from {path} (trained {ckpt.get('step', '?')} steps)", flush=True)
 
 
 def restore(r):
@@ -587,11 +619,7 @@ def restore(r):
         _, ckpt = load_checkpoint(r.ckpt_path)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None
-    flags = asdict(r.cfg)
-    saved = {**asdict(ModelConfig()), **checkpoint_config(ckpt)}  # other fields newer than it: their defaults
-    if saved != flags:
-        diff = {k: (v, flags.get(k)) for k, v in saved.items() if flags.get(k) != v}
-        raise SystemExit(f"error: checkpoint model differs from the flags (saved, flags): {diff}")
+    check_same_model(r, ckpt, r.ckpt_path)
     missing = [k for k in ("optimizer", "step", "best_val", "data_rng", "torch_rng") if k not in ckpt]
     if missing:  # e.g. best.pt copied over ckpt.pt: weights only
         raise SystemExit(f"error: {r.ckpt_path} holds weights only (no {', '.join(missing)}); cannot resume")
