@@ -1362,6 +1362,27 @@ def test_bad_checkpoints_give_one_line_errors_and_are_left_as_they_were(tmp_path
         assert (run / "metrics.jsonl").read_text() == log
 
 
+def test_init_from_starts_from_the_trained_weights_with_a_fresh_schedule(tmp_path, one_thread):
+    args = tiny_run_args(tmp_path, "sort6", "--ema", "0.9")
+    train.main(args)
+    trained = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["model"]  # the EMA weights it scored
+    out = tmp_path / "tuned"
+    # learning rate 0: the fine-tuned run's weights are exactly the source's EMA weights, and its step starts at 0
+    tuned = args + ["--out-dir", str(out), "--init-from", str(tmp_path / "run"), "--lr", "0", "--seed", "5"]
+    train.main(tuned)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2
+    for name, value in trained.items():
+        torch.testing.assert_close(ckpt["model"][name], value, rtol=0, atol=0)
+    # a different model, or no checkpoint there, is one line
+    for extra, message in [(["--d-model", "32"], "differs from the flags (saved, flags): {'d_model': (16, 32)}"),
+                           (["--init-from", str(tmp_path / "nowhere")], "no checkpoint at")]:
+        with pytest.raises(SystemExit) as exc:
+            train.main(args + ["--out-dir", str(tmp_path / "other"), "--init-from", str(tmp_path / "run"), *extra])
+        text = str(exc.value.code)
+        assert text.startswith("error: ") and message in text and "\n" not in text, text
+
+
 @pytest.mark.parametrize("what,poison", [
     ("loss", lambda loss: loss + float("nan")),
     ("gradient", lambda loss: loss + torch.sqrt(loss * 0)),  # value unchanged; d sqrt(u)/du at 0 is inf, times 0

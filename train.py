@@ -599,8 +599,7 @@ def check_same_model(r, ckpt, path):
 def init_weights(r, path):
     """--init-from: copy a trained model's weights (its EMA weights where it kept them) into the model and its
     EMA copy; everything else (optimizer, schedule, step, data order) starts as in a fresh run."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "best.pt")
+    path = checkpoint_file(path)
     try:
         trained, ckpt = load_checkpoint(path)
     except (ValueError, FileNotFoundError) as exc:
