@@ -42,29 +42,34 @@ def segment_cap(grid, n_layers, n_steps):
 def run_adaptive(model, task, x, n_steps, temperature, cap, patience=PATIENCE, batch_size=128, device="cpu",
                  ablate=None):
     """Segments until each item's answer has not changed for `patience` segments, or `cap`. Returns the logits of
-    each item's answer where it stopped (B, N, C) on the CPU and the segments each used (B,)."""
+    each item's answer where it stopped (B, N, C) on the CPU and the segments each used (B,). An item that stops
+    leaves the batch, so the time goes to the mazes still being solved."""
     model.eval()
     answers, used_all = [], []
     gen = torch.Generator().manual_seed(0)  # the ablations' random draws, as in train.evaluate
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size].to(device)
         B = len(xb)
+        active = torch.arange(B)  # the items still running, as indices into xb
         state, previous, final = None, None, None
-        calm = torch.zeros(B, dtype=torch.long)  # segments in a row with an unchanged answer
-        used, done = torch.full((B,), cap), torch.zeros(B, dtype=torch.bool)
+        calm = torch.zeros(B, dtype=torch.long)  # per active item: segments in a row with an unchanged answer
+        used = torch.full((B,), cap)
         for s in range(cap):
-            out = model(xb, state=state, temperature=temperature, grid=task.grid, n_steps=n_steps, ablate=ablate,
-                        ablate_gen=gen)
-            state, logits = out["state"], out["logits"].float().cpu()
-            final = logits.clone() if final is None else torch.where(done[:, None, None], final, logits)
-            answer = logits.argmax(-1)  # (B, N)
+            out = model(xb[active.to(device)], state=state, temperature=temperature, grid=task.grid, n_steps=n_steps,
+                        ablate=ablate, ablate_gen=gen)
+            logits = out["logits"].float().cpu()
+            if final is None:
+                final = torch.empty(B, *logits.shape[1:])
+            answer = logits.argmax(-1)  # (active, N)
             if previous is not None:
                 calm = torch.where((answer == previous).all(1), calm + 1, torch.zeros_like(calm))
-            previous = answer
-            stop = ~done & (calm >= patience)
-            used[stop], done = s + 1, done | stop
-            if done.all():  # the batch runs on together; it ends when every item has stopped
+            stop = (calm >= patience) | (s + 1 == cap)
+            final[active[stop]], used[active[stop]] = logits[stop], s + 1
+            keep = ~stop
+            active, previous, calm = active[keep], answer[keep], calm[keep]
+            if not len(active):
                 break
+            state = {k: v[keep.to(v.device)] for k, v in out["state"].items()}
         answers.append(final)
         used_all.append(used)
     model.train()

@@ -1723,24 +1723,29 @@ def test_every_command_in_the_readme_names_flags_that_its_script_has(capsys):
 
 
 class StableOrRestless(nn.Module):
-    """A stand-in model for --segments auto: item 0's answer never changes, item 1's changes every segment (its
-    argmax class is the segment count, carried in the state)."""
+    """A stand-in model for --segments auto: an item of 0 tokens always answers class 1; an item of 1 tokens answers
+    its segment count mod 5 (carried in its state), so its answer changes every segment. It records batch sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.batch_sizes = []
 
     def forward(self, x, state=None, **kw):
-        count = 0 if state is None else int(state["count"][0]) + 1
-        logits = torch.zeros(2, x.shape[1], 5)
-        logits[0, :, 1] = 1.0  # always class 1
-        logits[1, :, count % 5] = 1.0  # class 0, 1, 2, ... in turn
-        return {"logits": logits, "state": {"count": torch.full((2,), count)}}
+        self.batch_sizes.append(len(x))
+        count = torch.zeros(len(x), dtype=torch.long) if state is None else state["count"] + 1
+        answer = torch.where(x[:, 0] == 1, count % 5, torch.ones_like(count))
+        logits = F.one_hot(answer, 5).float()[:, None, :].expand(-1, x.shape[1], -1).clone()
+        return {"logits": logits, "state": {"count": count}}
 
 
 def test_segments_auto_stops_a_stable_answer_and_runs_a_changing_one_to_the_cap(maze_run, capsys):
     task = type("T", (), {"grid": (3, 3)})
-    logits, used = evaluate.run_adaptive(StableOrRestless(), task, torch.zeros(2, 9, dtype=torch.long), n_steps=1,
-                                         temperature=1.0, cap=10, patience=2)
-    # item 0: the same answer at segments 1, 2, 3, i.e. unchanged for 2 segments -> stops after 3
-    assert used.tolist() == [3, 10]
+    model, x = StableOrRestless(), torch.tensor([[0] * 9, [1] * 9, [0] * 9])
+    logits, used = evaluate.run_adaptive(model, task, x, n_steps=1, temperature=1.0, cap=10, patience=2)
+    # the stable items: the same answer at segments 1, 2, 3, i.e. unchanged for 2 segments -> stop after 3
+    assert used.tolist() == [3, 10, 3]
     assert (logits[0].argmax(-1) == 1).all() and (logits[1].argmax(-1) == 9 % 5).all()  # answers where they stopped
+    assert model.batch_sizes == [3, 3, 3] + [1] * 7  # stopped items leave the batch
     assert evaluate.segment_cap((12, 12), 2, 8) == 18 and evaluate.segment_cap((3, 3), 2, 8) == 8
     # through the command line, on a real (tiny) run: segments used are reported and within the cap
     result = evaluate.main([str(maze_run), "--segments", "auto", "--n-test", "12"])
