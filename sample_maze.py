@@ -10,7 +10,8 @@ Load a trained maze checkpoint, solve fresh mazes, print them as ASCII and draw 
 The checkpoint is a file (best.pt, ckpt.pt) or a run folder (its best.pt). Fresh mazes come from a maze-dataset
 generator (--generator, default DFS; --gen-arg for its arguments) with seed 1,000,000 + --seed, a stream apart
 from the train/val/test pools (seeds 0, 1, 2, ...), and nothing is cached. The model runs as it was evaluated
-in training: the checkpoint's segments, its inner steps, the temperature it trained at when saved, its top-k and
+in training: the checkpoint's segments (on another grid size: auto, until every answer has held for 3
+segments, as evaluate.py --segments auto), its inner steps, the temperature it trained at when saved, its top-k and
 hard/soft routing.
 
 ASCII legend: walls are + - |, S start, G goal, * predicted path on the true path, x predicted path off the true
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 import data
+import evaluate
 import plots
 import train
 from hrm_controller import routing_entropy
@@ -77,15 +79,22 @@ def fresh_mazes(n, count, seed, target, generator=data.GENERATOR, gen_kwargs=Non
 
 
 @torch.no_grad()
-def run_traced(model, x, grid, segments, n_steps, temperature):
-    """Run `segments` forwards carrying the state, as train.evaluate does, keeping every inner step's trace.
-    Returns the final logits (B, N, C) and a list of per-step dicts with 'seg' and 't' added."""
+def run_traced(model, x, grid, segments, n_steps, temperature, patience=None):
+    """Run `segments` forwards carrying the state, as train.evaluate does, keeping every inner step's trace; with
+    `patience`, stop early once every maze's decoded answer has not changed for that many segments (segments is
+    then the cap, as in evaluate.py --segments auto). Returns the final logits (B, N, C) and a list of per-step
+    dicts with 'seg' and 't' added (the segments run: steps[-1]['seg'] + 1)."""
     model.eval()
-    state, steps = None, []
+    state, steps, previous, calm = None, [], None, 0
     for s in range(segments):
         out = model(x, state=state, temperature=temperature, grid=grid, n_steps=n_steps, trace=True)
         state = out["state"]
         steps += [{"seg": s, "t": t, **step} for t, step in enumerate(out["trace"])]
+        answer = out["logits"].argmax(-1)
+        calm = calm + 1 if previous is not None and torch.equal(answer, previous) else 0
+        previous = answer
+        if patience is not None and calm >= patience:
+            break
     return out["logits"], steps
 
 
@@ -182,7 +191,8 @@ def get_parser():
     p.add_argument("--gen-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="an argument of --generator, e.g. p=0.1 (loop density of gen_dfs_percolation); repeatable")
     p.add_argument("--inner-steps", type=int, default=None, help="inner steps per segment (default: as trained)")
-    p.add_argument("--segments", type=int, default=None, help="segments (default: the checkpoint's)")
+    p.add_argument("--segments", default=None, help="segments, or auto: until every maze's answer is stable (as "
+                   "evaluate.py; default: the checkpoint's on its own grid size, auto on another)")
     p.add_argument("--out", default=None, help="PNG of the solved mazes (default <run folder>/samples.png)")
     p.add_argument("--show-steps", action="store_true", help="also draw the first maze after every inner step")
     p.add_argument("--max-panels", type=int, default=12, help="--show-steps: at most this many steps, evenly spaced")
@@ -208,7 +218,12 @@ def main(argv=None):
     cfg, config = model.cfg, ckpt["config"]
     n = args.grid_n or int(config["task"][4:])
     n_steps = args.inner_steps or config.get("eval_steps") or cfg.R
-    segments = args.segments or config["segments"]
+    trained_n = int(config["task"][4:])
+    segments = args.segments or (config["segments"] if n == trained_n else "auto")
+    if segments != "auto" and (not str(segments).isdigit() or int(segments) < 1):
+        raise SystemExit(f"error: --segments must be >= 1 or auto, got {segments}")
+    # auto: up to evaluate.py's cap for this grid, stopping once every answer has held for PATIENCE segments
+    cap = evaluate.segment_cap((n, n), cfg.n_layers, n_steps) if segments == "auto" else int(segments)
     temperature = train.checkpoint_temperature(ckpt)
     target = "direction" if cfg.n_classes == 5 else "path"  # as data.maze_metrics reads it
     out = args.out or os.path.join(os.path.dirname(path), "samples.png")
@@ -216,14 +231,18 @@ def main(argv=None):
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     print(f"{path}: {config['task']} {cfg.controller} model (step {ckpt.get('step')}), solving "
           f"{args.num_samples} fresh {n}x{n} mazes ({data.generator_name(args.generator, gen_kwargs)}) with "
-          f"{segments} segments x {n_steps} inner steps, "
+          f"{segments if segments != 'auto' else f'auto (at most {cap})'} segments x {n_steps} inner steps, "
           f"temperature {temperature:.2f}")
 
     try:
         x, y, pool = fresh_mazes(n, args.num_samples, args.seed, target, args.generator, gen_kwargs)
     except ValueError as exc:  # no such generator, an argument it does not take, mazes it cannot make
         raise SystemExit(f"error: {exc}") from None
-    logits, steps = run_traced(model, x.to(device), (n, n), segments, n_steps, temperature)
+    logits, steps = run_traced(model, x.to(device), (n, n), cap, n_steps, temperature,
+                               patience=evaluate.PATIENCE if segments == "auto" else None)
+    if segments == "auto":
+        print(f"ran {steps[-1]['seg'] + 1} segments (every answer unchanged for {evaluate.PATIENCE} segments, "
+              f"or the cap)")
     scores = logits.float().cpu().numpy()
     mazes, titles = [], []
     for b in range(args.num_samples):

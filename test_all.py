@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -886,9 +887,12 @@ def test_sample_maze_solves_larger_fresh_mazes_prints_and_draws(maze_run, tmp_pa
     # two 6x6 mazes of 13 lines each, 25 characters wide, each with its start and goal
     maze_lines = [line for line in text.splitlines() if len(line) == 25 and set(line) <= set("+-| SGx*o")]
     assert len(maze_lines) == 2 * 13 and text.count(" S ") == 2 and text.count(" G ") == 2
-    # 2 segments (the checkpoint's) x 4 inner steps, slow updates at t = 0, 2 with T = 2
+    # another grid size than trained: auto segments (at least 1 + 3 to see an answer hold), each of 4 inner steps,
+    # slow updates at t = 0, 2 with T = 2
+    ran = int(re.search(r"ran (\d+) segments", text).group(1))
+    assert "auto (at most" in text and 4 <= ran <= evaluate.segment_cap((6, 6), 1, 4)
     diag = [line for line in text.splitlines() if line[:3].strip().isdigit()]
-    assert len(diag) == 8 and [line.endswith("H-UPDATE") for line in diag] == [True, False] * 4
+    assert len(diag) == 4 * ran and [line.endswith("H-UPDATE") for line in diag] == [True, False] * 2 * ran
     for path in (out, tmp_path / "s_steps.png", tmp_path / "s_heads.png"):
         assert_png(path)
 
@@ -1697,7 +1701,6 @@ def test_a_users_own_mazes_are_encoded_and_scored_per_item_through_the_public_ap
 
 
 def test_every_command_in_the_readme_names_flags_that_its_script_has(capsys):
-    import re
     text = open(os.path.join(REPO, "README.md")).read()
     tools = {"train.py": train, "evaluate.py": evaluate, "sample_maze.py": sample_maze, "ab.py": ab,
              "bench.py": bench, "plots.py": plots}
@@ -1735,7 +1738,7 @@ class StableOrRestless(nn.Module):
         count = torch.zeros(len(x), dtype=torch.long) if state is None else state["count"] + 1
         answer = torch.where(x[:, 0] == 1, count % 5, torch.ones_like(count))
         logits = F.one_hot(answer, 5).float()[:, None, :].expand(-1, x.shape[1], -1).clone()
-        return {"logits": logits, "state": {"count": count}}
+        return {"logits": logits, "state": {"count": count}, "trace": [{"logits": logits}]}
 
 
 def test_segments_auto_stops_a_stable_answer_and_runs_a_changing_one_to_the_cap(maze_run, capsys):
@@ -1746,6 +1749,10 @@ def test_segments_auto_stops_a_stable_answer_and_runs_a_changing_one_to_the_cap(
     assert used.tolist() == [3, 10, 3]
     assert (logits[0].argmax(-1) == 1).all() and (logits[1].argmax(-1) == 9 % 5).all()  # answers where they stopped
     assert model.batch_sizes == [3, 3, 3] + [1] * 7  # stopped items leave the batch
+    # sample_maze.py's auto: the whole batch stops once every answer has held, else it runs to the cap
+    for x, ran in [(torch.tensor([[0] * 9, [0] * 9]), 3), (x, 10)]:
+        _, steps = sample_maze.run_traced(StableOrRestless(), x, (3, 3), 10, 1, 1.0, patience=2)
+        assert steps[-1]["seg"] + 1 == ran
     assert evaluate.segment_cap((12, 12), 2, 8) == 18 and evaluate.segment_cap((3, 3), 2, 8) == 8
     # through the command line, on a real (tiny) run: segments used are reported and within the cap
     result = evaluate.main([str(maze_run), "--segments", "auto", "--n-test", "12"])
