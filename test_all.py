@@ -2024,6 +2024,8 @@ def test_a_mix_of_maze_kinds_trains_and_evaluates_on_the_same_mix(tmp_path, caps
     for bad in ("gen_dfs:p", "gen_dfs,,gen_dfs", ":p=1"):
         with pytest.raises(ValueError):
             data.parse_kinds(bad)
+    assert data.parse_kinds("loops") == [("gen_dfs", {}), ("gen_dfs_percolation", {"p": 0.05}),
+                                         ("gen_dfs_percolation", {"p": 0.2})]
     kinds = data.parse_kinds("gen_dfs,gen_dfs_percolation:p=0.4,gen_dfs_percolation:p=0.2")
     parts = data.mix_parts(13, 5, kinds)
     assert [c for c, *_ in parts] == [5, 4, 4] and len({s for _, s, *_ in parts}) == 3

@@ -80,7 +80,8 @@ def get_parser():
                    "folder with the treebank's files (downloaded there on first use)")
     g.add_argument("--mazes", default="gen_dfs", metavar="KINDS",
                    help="mazes: maze-dataset generators, comma-separated, each with :key=value arguments; every pool "
-                   "is an even mix, e.g. gen_dfs,gen_dfs_percolation:p=0.1 (perfect mazes and mazes with loops)")
+                   "is an even mix, e.g. gen_dfs,gen_dfs_percolation:p=0.1 (perfect mazes and mazes with loops); loops: "
+                   "gen_dfs,gen_dfs_percolation:p=0.05,gen_dfs_percolation:p=0.2")
     g.add_argument("--upos", default="none", choices=["none", "gold"], help="ud_ewt: also embed the gold UPOS tags")
     g.add_argument("--word-dropout", type=float, default=None,
                    help="ud_ewt: each training word is read as the unknown word with this probability")
