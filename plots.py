@@ -4,6 +4,7 @@ per step, and sweep results. Everything writes a PNG with matplotlib's Agg backe
 
     python plots.py runs/maze12-hrm-s0                 # -> runs/maze12-hrm-s0/curves.png
     python plots.py runs/maze12-hrm-s0 --out docs/curves.png
+    python plots.py --segments m12.json m24.json --out segments.png   # optimal against segments, per evaluation
 
 sample_maze.py draws mazes and head heatmaps with these functions; ab.py draws its sweep plot with sweep_plot.
 """
@@ -243,15 +244,50 @@ def segments_plot(per_segment, out_png, title=""):
     return out_png
 
 
+def segments_curves(results, out_png):
+    """Optimal rate against segments for several evaluate.py results (its --out JSON, run with a fixed number of
+    segments), one line per result, labelled with its task and maze kind: how much depth each size needs, and
+    whether a size's curve falls after its peak (overthinking)."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for i, r in enumerate(results):
+        ys = [seg["optimal"] for seg in r["per_segment"]]
+        ax.plot(range(1, len(ys) + 1), ys, color=f"C{i}", label=f"{r['task']} {r.get('generator') or ''} "
+                f"({r['n_test']})")
+    ax.set(xlabel="segments", ylabel="optimal (share of held-out mazes)", ylim=(0, 1.02))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=DPI)
+    plt.close(fig)
+    return out_png
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Plot a run's training curves from its metrics.jsonl.")
-    p.add_argument("run_dir", help="a train.py output folder")
-    p.add_argument("--out", default=None, help="PNG path (default <run_dir>/curves.png)")
+    p = argparse.ArgumentParser(description="Plot a run's training curves from its metrics.jsonl, or optimal "
+                                "against segments from evaluate.py results.")
+    p.add_argument("run_dir", nargs="?", help="a train.py output folder")
+    p.add_argument("--out", default=None, help="PNG path (default <run_dir>/curves.png; with --segments: needed)")
+    p.add_argument("--segments", nargs="+", default=None, metavar="JSON",
+                   help="instead: draw optimal against segments, one line per evaluate.py --out file")
     args = p.parse_args(argv)
+    if (args.run_dir is None) == (args.segments is None):
+        p.error("give a run folder or --segments, not both")
+    if args.segments and not args.out:
+        p.error("--segments needs --out")
     try:
-        print(f"wrote {plot_run(args.run_dir, args.out)}")
+        if args.segments:
+            results = []
+            for path in args.segments:
+                with open(path) as f:
+                    results.append(json.load(f))
+                if not isinstance(results[-1].get("per_segment"), list) or results[-1].get("segments") == "auto":
+                    raise SystemExit(f"error: {path} is not an evaluate.py result with a fixed number of segments")
+            print(f"wrote {segments_curves(results, args.out)}")
+        else:
+            print(f"wrote {plot_run(args.run_dir, args.out)}")
     except FileNotFoundError as exc:
         raise SystemExit(f"error: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"error: not a JSON file ({exc})") from None
 
 
 if __name__ == "__main__":

@@ -878,6 +878,21 @@ def test_plot_run_writes_a_png_from_the_metrics_log(maze_run, tmp_path):
     assert_png(tmp_path / "c.png")
 
 
+def test_segments_curves_draws_several_evaluations_and_rejects_auto_results(tmp_path):
+    paths = []
+    for i, (task, curve) in enumerate([("maze12", [0.5, 0.9, 1.0]), ("maze24", [0.1, 0.4, 0.7, 0.8])]):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps({"task": task, "generator": "gen_dfs", "n_test": 300, "segments": len(curve),
+                                         "per_segment": [{"optimal": v} for v in curve]}))
+    plots.main(["--segments", *map(str, paths), "--out", str(tmp_path / "seg.png")])
+    assert_png(tmp_path / "seg.png")
+    paths[0].write_text(json.dumps({"task": "maze12", "segments": "auto", "n_test": 3, "per_segment": [{}]}))
+    with pytest.raises(SystemExit, match="fixed number of segments"):
+        plots.main(["--segments", str(paths[0]), "--out", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit):  # neither a run folder nor --segments
+        plots.main([])
+
+
 def test_sample_maze_solves_larger_fresh_mazes_prints_and_draws(maze_run, tmp_path, capsys):
     out = tmp_path / "s.png"
     total = sample_maze.main([str(maze_run), "--num-samples", "2", "--grid-n", "6", "--inner-steps", "4",
