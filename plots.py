@@ -270,7 +270,7 @@ def main(argv=None):
                    help="instead: draw optimal against segments, one line per evaluate.py --out file")
     args = p.parse_args(argv)
     if (args.run_dir is None) == (args.segments is None):
-        p.error("give a run folder or --segments, not both")
+        p.error("give either a run folder or --segments")
     if args.segments and not args.out:
         p.error("--segments needs --out")
     try:
