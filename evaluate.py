@@ -76,6 +76,16 @@ def run_adaptive(model, task, x, n_steps, temperature, cap, patience=PATIENCE, b
     return torch.cat(answers), torch.cat(used_all)
 
 
+def parse_segments(text):
+    """--segments as given: None (unset), "auto", or a count >= 1 as an int; anything else ends in one line (this
+    tool's and sample_maze.py's flag)."""
+    if text is None or text == "auto":
+        return text
+    if not str(text).isdigit() or int(text) < 1:
+        raise SystemExit(f"error: --segments must be >= 1 or auto, got {text}")
+    return int(text)
+
+
 def get_parser():
     p = argparse.ArgumentParser(description="Score a checkpoint on a held-out test split.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -163,10 +173,7 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    if args.segments is not None and args.segments != "auto":
-        if not args.segments.isdigit() or int(args.segments) < 1:
-            raise SystemExit(f"error: --segments must be >= 1 or auto, got {args.segments}")
-        args.segments = int(args.segments)
+    args.segments = parse_segments(args.segments)
     for flag, value in (("--inner-steps", args.inner_steps), ("--n-test", args.n_test)):
         if value is not None and value < 1:
             raise SystemExit(f"error: {flag} must be >= 1, got {value}")

@@ -216,14 +216,12 @@ def main(argv=None):
         raise SystemExit(f"error: {exc}") from None
     model, ckpt, path = load_maze_model(args.ckpt, device)
     cfg, config = model.cfg, ckpt["config"]
-    n = args.grid_n or int(config["task"][4:])
-    n_steps = args.inner_steps or config.get("eval_steps") or cfg.R
     trained_n = int(config["task"][4:])
-    segments = args.segments or (config["segments"] if n == trained_n else "auto")
-    if segments != "auto" and (not str(segments).isdigit() or int(segments) < 1):
-        raise SystemExit(f"error: --segments must be >= 1 or auto, got {segments}")
+    n = args.grid_n or trained_n
+    n_steps = args.inner_steps or config.get("eval_steps") or cfg.R
+    segments = evaluate.parse_segments(args.segments) or (config["segments"] if n == trained_n else "auto")
     # auto: up to evaluate.py's cap for this grid, stopping once every answer has held for PATIENCE segments
-    cap = evaluate.segment_cap((n, n), cfg.n_layers, n_steps) if segments == "auto" else int(segments)
+    cap = evaluate.segment_cap((n, n), cfg.n_layers, n_steps) if segments == "auto" else segments
     temperature = train.checkpoint_temperature(ckpt)
     target = "direction" if cfg.n_classes == 5 else "path"  # as data.maze_metrics reads it
     out = args.out or os.path.join(os.path.dirname(path), "samples.png")

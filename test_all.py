@@ -935,7 +935,8 @@ def test_sample_maze_draws_mazes_with_loops_and_shows_an_equally_short_path_as_r
     for argv, message in [(["--generator", "gen_nothing"], "no generator 'gen_nothing'"),
                           (["--generator", "__class__"], "no generator '__class__'"),
                           (["--generator", "gen_dfs", "--gen-arg", "q=1"], "could not make gen_dfs-q1 mazes: TypeError"),
-                          (["--gen-arg", "p"], "--gen-arg: generator arguments are KEY=VALUE")]:
+                          (["--gen-arg", "p"], "--gen-arg: generator arguments are KEY=VALUE"),
+                          (["--segments", "0"], "--segments must be >= 1 or auto, got 0")]:
         with pytest.raises(SystemExit, match=message):
             sample_maze.main([str(maze_run), "--num-samples", "1", "--no-ascii", "--out", str(out), *argv])
 
