@@ -112,6 +112,26 @@ def shortest_moves(open_sides, dist):
     return np.where(dist >= 0, bits, IGNORE)
 
 
+def goal_distance(x, grid):
+    """BFS distance in moves from every cell to the goal, batched in torch from the tokens alone: x (B, N) ->
+    (B, N) float, -1 where the goal cannot be reached (solve()'s dist for each maze). Bellman-Ford sweeps over the
+    whole batch: each sweep every cell takes 1 + the least distance among its open neighbours, until none changes.
+    The target of --dist-weight; no maze pool needed, so it works on the carried training batch as it is."""
+    (h, w), B = grid, x.shape[0]
+    t = x.view(B, h, w)
+    sides = ((t % 16)[..., None] >> torch.arange(4, device=x.device)) & 1 == 1  # (B, h, w, 4): N, E, S, W open
+    far = float(h * w)  # longer than any path: "not reached yet"
+    d = torch.where(t // 16 == 2, 0.0, far)
+    for _ in range(h * w):
+        padded = torch.nn.functional.pad(d, (1, 1, 1, 1), value=far)
+        nb = torch.stack([padded[:, 1 + dr:1 + dr + h, 1 + dc:1 + dc + w] for dr, dc in MOVES], -1)
+        new = torch.minimum(d, (nb + 1).masked_fill(~sides, far).amin(-1))
+        if torch.equal(new, d):
+            break
+        d = new
+    return torch.where(d >= far, -1.0, d).view(B, h * w)
+
+
 def first_class(y):
     """The lowest class in each bitmask label (IGNORE stays IGNORE): for a maze without loops, the one right class."""
     y = np.asarray(y)

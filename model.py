@@ -61,6 +61,8 @@ class ModelConfig:
     ponder_weight: float = 0.0  # > 0 builds the halting head and adds beta * KL(p || geometric prior)
     ponder_prior: float = 0.5  # lambda_p of the geometric prior over halting steps
     label_smoothing: float = 0.0  # cross-entropy label smoothing
+    dist_weight: float = 0.0  # > 0 builds a head that reads each cell's distance to the goal (mazes) off the same
+    # state as the answer, trained by a Huber loss of this weight: an auxiliary target, see distance_loss
     dropout: float = 0.0  # dropout on the embedded input and on each block's attention and MLP outputs (training)
     label_sets: bool = False  # labels are bitmasks of the right classes (mazes: every equally short move is right)
     output: str = "classes"  # "classes" (one class per token) or "biaffine" (a head and a relation per word: parsing)
@@ -88,6 +90,7 @@ class ModelConfig:
             (0.0 < self.ponder_prior < 1.0, f"ponder prior must be in (0, 1), got {self.ponder_prior}"),
             (self.output in ("classes", "biaffine"), f"output must be classes or biaffine, got {self.output!r}"),
             (self.output == "classes" or self.ponder_weight == 0, "pondering needs per-token classes, not biaffine"),
+            (self.dist_weight >= 0, f"dist-weight must be >= 0, got {self.dist_weight}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -130,6 +133,17 @@ def token_loss(logits, y, label_smoothing=0.0, label_sets=False):
     return (ce * valid).sum(1) / valid.sum(1).clamp_min(1.0)
 
 
+DIST_SCALE = 10.0  # the distance head predicts moves / DIST_SCALE: values of a few units at 12x12
+
+
+def distance_loss(pred, dist):
+    """Huber loss of predicted distances to the goal: pred (B, N) in units of DIST_SCALE moves, dist (B, N) in
+    moves (-1: unreachable, skipped). Quadratic within one move of the truth, linear beyond: the answer needs
+    distances right to the move, and a far-off start must not swamp the rest."""
+    known = dist >= 0
+    return F.smooth_l1_loss(pred[known], dist[known] / DIST_SCALE, beta=1.0 / DIST_SCALE)
+
+
 def halting_distribution(lambdas):
     """lambdas (B, R) per-step halting probabilities -> p (B, R): p_t = lambda_t prod_{j<t}(1 - lambda_j),
     with whatever is left assigned to the last step, so each row sums to 1."""
@@ -169,6 +183,7 @@ class PoHModel(nn.Module):
                 kind=cfg.controller, d_model=cfg.d_model, n_heads=cfg.n_heads, d_ctrl=cfg.d_ctrl, T=cfg.T,
                 top_k=cfg.top_k, hard_route=cfg.hard_route, h_gate=cfg.h_gate, where=cfg.ctrl_where))
         self.halt = nn.Linear(cfg.d_model, 1) if cfg.ponder_weight > 0 else None
+        self.dist_head = nn.Linear(cfg.d_model, 1) if cfg.dist_weight > 0 else None
         self.apply(self._init_weights)
         if self.halt is not None:  # special case: start halting at the prior's per-step probability
             nn.init.constant_(self.halt.bias, math.log(cfg.ponder_prior / (1 - cfg.ponder_prior)))
@@ -213,8 +228,9 @@ class PoHModel(nn.Module):
         return state
 
     def forward(self, x, y=None, state=None, temperature=1.0, entropy_weight=0.0, balance_weight=0.0, grid=None,
-                n_steps=None, trace=False, ablate=None, ablate_gen=None):
-        """x (B, N) tokens, y (B, N) labels or None; grid (h, w) with h*w = N, default (1, N).
+                n_steps=None, trace=False, ablate=None, ablate_gen=None, dist=None):
+        """x (B, N) tokens, y (B, N) labels or None; grid (h, w) with h*w = N, default (1, N); dist (B, N) each
+        cell's distance to the goal (data.goal_distance), the target of the distance head (with dist_weight).
         balance_weight: weight of the load-balancing term (hrm_controller.balance_loss); ablate: None or one of
         hrm_controller.ABLATIONS, to replace the router's alpha at evaluation (random draws from ablate_gen).
         Returns a dict: logits (B, N, C) (the halted step's with pondering, else the last step's), loss (a tensor,
@@ -242,6 +258,7 @@ class PoHModel(nn.Module):
         first_grad = R - min(cfg.grad_steps, R) if cfg.grad == "tbptt" else 0
         supervised = supervised_steps(R, cfg.supervise)
         task_terms, entropies, balances, lambdas, step_losses, step_logits, steps = [], [], [], [], [], [], []
+        dist_terms = []
         usage, modal = [], []
         for t in range(R):
             with torch.set_grad_enabled(torch.is_grad_enabled() and t >= first_grad):
@@ -280,6 +297,8 @@ class PoHModel(nn.Module):
                     loss_t = (token_loss(logits, y, cfg.label_smoothing, cfg.label_sets) if cfg.output == "classes"
                               else parse_loss(logits, y))
                     task_terms.append(loss_t.mean())
+                if scored and self.dist_head is not None and dist is not None:  # the auxiliary target
+                    dist_terms.append(distance_loss(self.dist_head(out).squeeze(-1).float(), dist))
             if trace:
                 steps.append({"alpha": alpha, "p": p, "h_update": h_update if h_update is None else h_update.detach(),
                               "logits": logits.detach() if torch.is_tensor(logits) else tuple(t.detach() for t in logits),
@@ -289,6 +308,8 @@ class PoHModel(nn.Module):
         entropy = torch.stack(entropies).mean() if entropies else zero
         balance = torch.stack(balances).mean() if balances else zero
         parts = {"entropy": entropy, "balance": balance, "ponder": zero, "task": zero}
+        if dist_terms:
+            parts["dist"] = torch.stack(dist_terms).mean()
         if usage:
             parts["usage"], parts["modal_share"] = torch.stack(usage), torch.stack(modal)
         if self.halt is not None:
@@ -313,6 +334,8 @@ class PoHModel(nn.Module):
         loss = None
         if y is not None:
             loss = parts["task"] + parts["ponder"] + entropy_weight * entropy + balance_weight * balance
+            if dist_terms:
+                loss = loss + cfg.dist_weight * parts["dist"]
         out_state = {"h": h.detach().float(), **{k: v.detach().float() for k, v in ctrl.items()}}
         return {"logits": logits, "loss": loss, "parts": parts, "state": out_state, "trace": steps}
 

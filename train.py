@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import GENERATOR, N_TRAIN, TASK_NAMES, make_task, mix_parts, parse_kinds, pool_file
+from data import GENERATOR, N_TRAIN, TASK_NAMES, goal_distance, make_task, mix_parts, parse_kinds, pool_file
 from hrm_controller import anneal, temperature_at
 from model import CONTROLLERS, ModelConfig, PoHModel
 from stats import item_means
@@ -156,6 +156,8 @@ def add_run_flags(p):
     g.add_argument("--warmup", type=int, default=None, help="linear warmup steps")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on 2-D tensors")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
+    g.add_argument("--dist-weight", type=float, default=0.0, help="mazes: > 0 adds an auxiliary target, each "
+                   "cell's BFS distance to the goal read off the answer's state (a Huber loss of this weight)")
     g.add_argument("--dropout", type=float, default=None, help="dropout on the embedded input and on each block's "
                    "attention and MLP outputs")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
@@ -209,6 +211,8 @@ def resolve_args(argv=None):
                     (0 <= args.word_dropout < 1, f"--word-dropout must be in [0, 1), got {args.word_dropout}"),
                     (0 <= args.ema < 1, f"--ema must be in [0, 1), got {args.ema}"),
                     (task_kind(args.task) == "parse" or args.word_dropout == 0, "--word-dropout is for ud_ewt only"),
+                    (args.dist_weight >= 0, f"--dist-weight must be >= 0, got {args.dist_weight}"),
+                    (task_kind(args.task) == "maze" or args.dist_weight == 0, "--dist-weight is for mazes only"),
                     (task_kind(args.task) != "parse" or args.batching == "fixed" and args.attn == "global",
                      "ud_ewt needs --batching fixed and --attn global (batches differ in length)")]:
         if not ok:
@@ -228,7 +232,7 @@ def model_config(args, task):
         hard_route=args.hard_route, h_gate=args.h_gate,
         reset_controller=args.reset_controller, grad=args.grad, grad_steps=args.grad_steps, supervise=args.supervise,
         ponder_weight=args.ponder_weight, ponder_prior=args.ponder_prior, label_smoothing=args.label_smoothing,
-        dropout=args.dropout,
+        dropout=args.dropout, dist_weight=args.dist_weight,
         label_sets=task_kind(args.task) == "maze",  # maze labels are bitmasks: every shortest move is right
         **(dict(output="biaffine", pad_token=0, feature_vocab=task.feature_vocab)
            if task_kind(args.task) == "parse" else {}))
@@ -588,10 +592,15 @@ def build(args, device, rank, world):
     return r
 
 
-def check_same_model(r, ckpt, path):
-    """SystemExit with the differing fields unless the checkpoint's model is the one the flags build."""
-    flags = asdict(r.cfg)
-    saved = {**asdict(ModelConfig()), **checkpoint_config(ckpt)}  # other fields newer than it: their defaults
+LOSS_ONLY = ("dist_weight", "label_smoothing")  # model fields --init-from may change: they only change the loss
+
+
+def check_same_model(r, ckpt, path, loss_only=()):
+    """SystemExit with the differing fields unless the checkpoint's model is the one the flags build (fields in
+    loss_only may differ)."""
+    flags = {k: v for k, v in asdict(r.cfg).items() if k not in loss_only}
+    saved = {k: v for k, v in {**asdict(ModelConfig()), **checkpoint_config(ckpt)}.items()  # newer fields: defaults
+             if k not in loss_only}
     if saved != flags:
         diff = {k: (v, flags.get(k)) for k, v in saved.items() if flags.get(k) != v}
         raise SystemExit(f"error: the model of {path} differs from the flags (saved, flags): {diff}")
@@ -599,16 +608,18 @@ def check_same_model(r, ckpt, path):
 
 def init_weights(r, path):
     """--init-from: copy a trained model's weights (its EMA weights where it kept them) into the model and its
-    EMA copy; everything else (optimizer, schedule, step, data order) starts as in a fresh run."""
+    EMA copy; everything else (optimizer, schedule, step, data order) starts as in a fresh run. The loss may
+    change (LOSS_ONLY): a distance head the trained model lacks starts fresh, one the flags drop is left out."""
     path = checkpoint_file(path)
     try:
         trained, ckpt = load_checkpoint(path)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: --init-from: {exc}") from None
-    check_same_model(r, ckpt, path)
-    r.model.load_state_dict(trained.state_dict())
-    if r.ema is not None:
-        r.ema.load_state_dict(trained.state_dict())
+    check_same_model(r, ckpt, path, LOSS_ONLY)
+    weights = {k: v for k, v in trained.state_dict().items() if not k.startswith("dist_head.") or r.cfg.dist_weight}
+    for model in (r.model, r.ema) if r.ema is not None else (r.model,):
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        assert not unexpected and all(k.startswith("dist_head.") for k in missing), (missing, unexpected)
     if r.master:
         print(f"initialised from {path} (trained {ckpt.get('step', '?')} steps)", flush=True)
 
@@ -666,9 +677,10 @@ def train_step(r, model, x, y, state, amp, any_rank):
         group["lr"] = group["base_lr"] * lr_at(r.step, args)
     temperature = temperature_at(frac, args.temp_start, args.temp_end, args.temp_floor)
     ew = anneal(args.entropy_weight, 0.0, frac) if args.entropy_anneal else args.entropy_weight
+    dist = goal_distance(x, r.task.grid) if args.dist_weight else None  # the auxiliary target, from x alone
     with amp or nullcontext():
         out = model(x, y, state=state, temperature=temperature, entropy_weight=ew,
-                    balance_weight=args.balance_weight, grid=r.task.grid)
+                    balance_weight=args.balance_weight, grid=r.task.grid, dist=dist)
     loss = out["loss"]
     r.optimizer.zero_grad(set_to_none=True)
     loss.backward()
