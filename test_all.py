@@ -1403,6 +1403,27 @@ def test_init_from_starts_from_the_trained_weights_with_a_fresh_schedule(tmp_pat
         assert text.startswith("error: ") and message in text and "\n" not in text, text
 
 
+def test_init_from_may_add_or_drop_the_distance_head_and_nothing_else_changes(tmp_path, one_thread, capsys):
+    train.main(tiny_run_args(tmp_path, "maze5"))
+    trained = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["model"]
+    tuned = tmp_path / "tuned"
+    result = train.main(tiny_run_args(tmp_path, "maze5", "--out-dir", str(tuned), "--init-from", str(tmp_path / "run"),
+                                      "--lr", "0", "--dist-weight", "0.3"))
+    ckpt = torch.load(tuned / "ckpt.pt", weights_only=True)
+    assert set(ckpt["model"]) == set(trained) | {"dist_head.weight", "dist_head.bias"}
+    for name, value in trained.items():  # learning rate 0: the shared weights are the source's
+        torch.testing.assert_close(ckpt["model"][name], value, rtol=0, atol=0)
+    assert ckpt["model_args"]["dist_weight"] == 0.3 and "optimal" in result
+    logged = [json.loads(line) for line in (tuned / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["dist"] > 0 for row in logged if row["split"] == "train")
+    # and back: a model with the head starts a run without it
+    train.main(tiny_run_args(tmp_path, "maze5", "--out-dir", str(tmp_path / "back"), "--init-from", str(tuned)))
+    assert "dist_head.weight" not in torch.load(tmp_path / "back" / "ckpt.pt", weights_only=True)["model"]
+    with pytest.raises(SystemExit):
+        train.main(tiny_run_args(tmp_path, "sort6", "--dist-weight", "0.3"))
+    assert "--dist-weight is for mazes only" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("what,poison", [
     ("loss", lambda loss: loss + float("nan")),
     ("gradient", lambda loss: loss + torch.sqrt(loss * 0)),  # value unchanged; d sqrt(u)/du at 0 is inf, times 0
@@ -1695,6 +1716,44 @@ def test_the_labelled_path_read_off_direction_labels_is_the_solved_shortest_path
         best = data.solve(pool["open"][b], tuple(pool["start"][b]), tuple(pool["goal"][b]))[1]
         path, unique = data.labelled_path(y[b], tuple(pool["start"][b]), 7)
         assert path == best and (unique or generator != "gen_dfs")  # trees have one shortest path
+
+
+@pytest.mark.parametrize("generator, kwargs", [("gen_dfs", None), ("gen_dfs_percolation", {"p": 0.3})])
+def test_goal_distance_from_the_tokens_is_the_bfs_distance_of_solve(generator, kwargs):
+    # --dist-weight's target, computed in torch from the tokens alone, on mazes with and without loops, turned
+    pool = data.generate_mazes(7, 16, 5, generator=generator, gen_kwargs=kwargs)
+    o, s, g = data.symmetry(pool["open"], pool["start"], pool["goal"], 3)
+    x = torch.from_numpy(data.encode(o, s, g))
+    want = np.stack([data.solve(o[b], tuple(s[b]), tuple(g[b]))[0].reshape(-1) for b in range(16)])
+    assert np.array_equal(data.goal_distance(x, (7, 7)).numpy(), want)
+    # a 2 x 3 grid (not square) with a cell the goal cannot reach: goal (0, 2), corridor west, down, east
+    N, E, S, W = (1 << d for d in range(4))
+    sides = [[E | S, E | W, W], [N | E, W, 0]]
+    role = [[0, 0, 2], [0, 1, 0]]
+    x = torch.tensor([[b + 16 * r for rb, rr in zip(sides, role) for b, r in zip(rb, rr)]])
+    assert data.goal_distance(x, (2, 3)).tolist() == [[2.0, 1.0, 0.0, 3.0, 4.0, -1.0]]
+
+
+def test_the_distance_head_trains_on_its_own_loss_and_leaves_the_answer_alone():
+    # dist_weight 0 builds no head; > 0 adds dist_weight x a Huber loss that is 0 at the truth, skips unreachable
+    # cells, and whose gradient reaches the head and the blocks but never changes the answer's logits
+    assert tiny_maze_model("hrm", R=2).dist_head is None
+    pred, dist = torch.tensor([[0.3, 0.2, 9.0]]), torch.tensor([[3.0, 2.0, -1.0]])
+    assert float(model_mod.distance_loss(pred, dist)) == pytest.approx(0.0, abs=1e-7)
+    assert float(model_mod.distance_loss(pred + 0.5, dist)) == pytest.approx(0.5 - 0.05, rel=1e-5)  # linear part
+    m = tiny_maze_model("hrm", R=2, dist_weight=0.5, label_sets=True)
+    pool = data.generate_mazes(5, 4, 3, generator="gen_dfs_percolation", gen_kwargs={"p": 0.3})
+    x = torch.from_numpy(data.encode(pool["open"], pool["start"], pool["goal"]))
+    y = torch.from_numpy(data.batch_labels(pool["open"], pool["start"], pool["dist"].astype(np.int64)))
+    dist = data.goal_distance(x, (5, 5))
+    plain = m(x, y, grid=(5, 5))
+    out = m(x, y, grid=(5, 5), dist=dist)
+    torch.testing.assert_close(out["logits"], plain["logits"], rtol=0, atol=0)
+    assert float(out["parts"]["dist"]) > 0 and "dist" not in plain["parts"]
+    torch.testing.assert_close(out["loss"], plain["loss"] + 0.5 * out["parts"]["dist"])
+    out["parts"]["dist"].backward()
+    assert m.dist_head.weight.grad.abs().sum() > 0 and m.blocks[0].mlp[0].weight.grad.abs().sum() > 0
+    assert m.head.weight.grad is None or m.head.weight.grad.abs().sum() == 0
 
 
 def test_a_users_own_mazes_are_encoded_and_scored_per_item_through_the_public_api(tmp_path):
