@@ -1403,17 +1403,18 @@ def test_init_from_starts_from_the_trained_weights_with_a_fresh_schedule(tmp_pat
         assert text.startswith("error: ") and message in text and "\n" not in text, text
 
 
-def test_init_from_may_add_or_drop_the_distance_head_and_nothing_else_changes(tmp_path, one_thread, capsys):
+def test_init_from_may_change_the_inner_steps_and_add_or_drop_the_distance_head(tmp_path, one_thread, capsys):
     train.main(tiny_run_args(tmp_path, "maze5"))
     trained = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["model"]
     tuned = tmp_path / "tuned"
     result = train.main(tiny_run_args(tmp_path, "maze5", "--out-dir", str(tuned), "--init-from", str(tmp_path / "run"),
-                                      "--lr", "0", "--dist-weight", "0.3"))
+                                      "--lr", "0", "--dist-weight", "0.3", "--R", "3", "--grad-steps", "2"))
     ckpt = torch.load(tuned / "ckpt.pt", weights_only=True)
     assert set(ckpt["model"]) == set(trained) | {"dist_head.weight", "dist_head.bias"}
     for name, value in trained.items():  # learning rate 0: the shared weights are the source's
         torch.testing.assert_close(ckpt["model"][name], value, rtol=0, atol=0)
-    assert ckpt["model_args"]["dist_weight"] == 0.3 and "optimal" in result
+    assert (ckpt["model_args"]["dist_weight"], ckpt["model_args"]["R"], ckpt["model_args"]["grad_steps"]) == (0.3, 3, 2)
+    assert "optimal" in result
     logged = [json.loads(line) for line in (tuned / "metrics.jsonl").read_text().splitlines()]
     assert all(row["dist"] > 0 for row in logged if row["split"] == "train")
     # and back: a model with the head starts a run without it

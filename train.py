@@ -177,7 +177,8 @@ def add_run_flags(p):
     g.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
     g.add_argument("--init-from", default=None, metavar="RUN",
                    help="start from the weights of a run folder's best.pt (or a .pt file) with the same model "
-                        "flags; the optimizer, schedule and step start afresh (fine-tuning)")
+                        "flags (--R, --grad, --grad-steps, --supervise, --dropout, --label-smoothing, --dist-weight "
+                        "and --attn-impl may change); the optimizer, schedule and step start afresh (fine-tuning)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
 
 
@@ -592,15 +593,17 @@ def build(args, device, rank, world):
     return r
 
 
-LOSS_ONLY = ("dist_weight", "label_smoothing")  # model fields --init-from may change: they only change the loss
+# model fields --init-from may change: how the same weights are run and trained (inner steps, gradient, loss),
+# not which weights there are (the distance head is the one exception: see init_weights)
+TUNABLE = ("R", "grad", "grad_steps", "supervise", "label_smoothing", "dropout", "dist_weight", "attn_impl")
 
 
-def check_same_model(r, ckpt, path, loss_only=()):
+def check_same_model(r, ckpt, path, free=()):
     """SystemExit with the differing fields unless the checkpoint's model is the one the flags build (fields in
-    loss_only may differ)."""
-    flags = {k: v for k, v in asdict(r.cfg).items() if k not in loss_only}
+    free may differ)."""
+    flags = {k: v for k, v in asdict(r.cfg).items() if k not in free}
     saved = {k: v for k, v in {**asdict(ModelConfig()), **checkpoint_config(ckpt)}.items()  # newer fields: defaults
-             if k not in loss_only}
+             if k not in free}
     if saved != flags:
         diff = {k: (v, flags.get(k)) for k, v in saved.items() if flags.get(k) != v}
         raise SystemExit(f"error: the model of {path} differs from the flags (saved, flags): {diff}")
@@ -608,14 +611,14 @@ def check_same_model(r, ckpt, path, loss_only=()):
 
 def init_weights(r, path):
     """--init-from: copy a trained model's weights (its EMA weights where it kept them) into the model and its
-    EMA copy; everything else (optimizer, schedule, step, data order) starts as in a fresh run. The loss may
-    change (LOSS_ONLY): a distance head the trained model lacks starts fresh, one the flags drop is left out."""
+    EMA copy; everything else (optimizer, schedule, step, data order) starts as in a fresh run. The fields in
+    TUNABLE may change: a distance head the trained model lacks starts fresh, one the flags drop is left out."""
     path = checkpoint_file(path)
     try:
         trained, ckpt = load_checkpoint(path)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: --init-from: {exc}") from None
-    check_same_model(r, ckpt, path, LOSS_ONLY)
+    check_same_model(r, ckpt, path, TUNABLE)
     weights = {k: v for k, v in trained.state_dict().items() if not k.startswith("dist_head.") or r.cfg.dist_weight}
     for model in (r.model, r.ema) if r.ema is not None else (r.model,):
         missing, unexpected = model.load_state_dict(weights, strict=False)
