@@ -14,6 +14,8 @@ Pondering (ponder_weight > 0, PonderNet-style): a halting head gives lambda_t pe
 distribution p_t = lambda_t * prod_{j<t}(1 - lambda_j) (the remainder on the last step), the task loss is
 sum_t p_t L_t and the regulariser KL(p || truncated Geometric(ponder_prior)). A sample's answer is taken at the
 first step where its cumulative halting probability reaches 0.5.
+Distance head (dist_weight > 0, mazes): a linear read of each cell's BFS distance to the goal off the state the
+answer comes from, an auxiliary loss only (distance_loss); the answer never reads it.
 
 The carried state (h, z_L, z_H) goes in and comes out of forward, detached, so train.py can run several
 segments per batch (HRM-style deep supervision).

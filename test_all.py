@@ -2078,10 +2078,11 @@ def test_the_pretrained_maze_model_loads_and_solves_fresh_maze12_mazes_with_and_
         x, y, _ = sample_maze.fresh_mazes(12, 100, seed=0, target="direction", generator=name, gen_kwargs=gen_kwargs)
         scores[name] = train.evaluate(model, task, x, y, ckpt["config"]["segments"],
                                       temperature=train.checkpoint_temperature(ckpt))["per_segment"][-1]["optimal"]
-    # perfect mazes solved; mazes with loops (a density it did not train on) far above the perfect-maze model's 0.29
-    assert scores["gen_dfs"] >= 0.99 and scores["gen_dfs_percolation"] >= 0.7, scores
+    # perfect mazes solved; mazes with loops (a density it did not train on): 0.92 here, where the perfect-maze
+    # model scores 0.29 and the first loops fine-tune (no distance target, gradient through 2 inner steps) 0.82
+    assert scores["gen_dfs"] >= 0.99 and scores["gen_dfs_percolation"] >= 0.88, scores
     recorded = json.load(open(os.path.join(path, "test.json")))  # its own test set: the training mix
-    assert recorded["generator"] == ckpt["config"]["mazes"] and recorded["optimal"] > 0.9
+    assert recorded["generator"] == ckpt["config"]["mazes"] and recorded["optimal"] > 0.95
 
 
 def test_the_pretrained_sort_model_is_stored_in_half_precision_and_ranks_fresh_arrays():
