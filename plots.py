@@ -244,15 +244,23 @@ def segments_plot(per_segment, out_png, title=""):
     return out_png
 
 
+def curve_label(result, name_model):
+    """The legend entry of one evaluate.py result: task, maze kind and item count, after the folder of its model
+    (the last two parts of its path) when name_model, i.e. when the plot compares several models."""
+    folder = os.path.dirname(result.get("checkpoint") or "")
+    who = "/".join(folder.split(os.sep)[-2:]) + ": " if name_model and folder else ""
+    return f"{who}{result['task']} {result.get('generator') or ''} ({result['n_test']})"
+
+
 def segments_curves(results, out_png):
     """Optimal rate against segments for several evaluate.py results (its --out JSON, run with a fixed number of
     segments), one line per result, labelled with its task and maze kind: how much depth each size needs, and
     whether a size's curve falls after its peak (overthinking)."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
+    several = len({r.get("checkpoint") for r in results}) > 1
     for i, r in enumerate(results):
         ys = [seg["optimal"] for seg in r["per_segment"]]
-        ax.plot(range(1, len(ys) + 1), ys, color=f"C{i}", label=f"{r['task']} {r.get('generator') or ''} "
-                f"({r['n_test']})")
+        ax.plot(range(1, len(ys) + 1), ys, color=f"C{i}", label=curve_label(r, several))
     ax.set(xlabel="segments", ylabel="optimal (share of held-out mazes)", ylim=(0, 1.02))
     ax.legend(fontsize=7)
     fig.tight_layout()

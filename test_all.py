@@ -886,6 +886,10 @@ def test_segments_curves_draws_several_evaluations_and_rejects_auto_results(tmp_
                                          "per_segment": [{"optimal": v} for v in curve]}))
     plots.main(["--segments", *map(str, paths), "--out", str(tmp_path / "seg.png")])
     assert_png(tmp_path / "seg.png")
+    # lines of several models name the model's folder; one model's lines need not
+    one = {"task": "maze12", "generator": "gen_dfs", "n_test": 300, "checkpoint": os.path.join("runs", "lft", "s2", "best.pt")}
+    assert plots.curve_label(one, True) == "lft/s2: maze12 gen_dfs (300)"
+    assert plots.curve_label(one, False) == "maze12 gen_dfs (300)"
     paths[0].write_text(json.dumps({"task": "maze12", "segments": "auto", "n_test": 3, "per_segment": [{}]}))
     with pytest.raises(SystemExit, match="fixed number of segments"):
         plots.main(["--segments", str(paths[0]), "--out", str(tmp_path / "x.png")])
