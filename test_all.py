@@ -1424,6 +1424,14 @@ def test_init_from_may_change_the_inner_steps_and_add_or_drop_the_distance_head(
     # and back: a model with the head starts a run without it
     train.main(tiny_run_args(tmp_path, "maze5", "--out-dir", str(tmp_path / "back"), "--init-from", str(tuned)))
     assert "dist_head.weight" not in torch.load(tmp_path / "back" / "ckpt.pt", weights_only=True)["model"]
+    # the carried batch computes each sample's target once, when it arrives, and keeps it with the sample
+    args = train.resolve_args(tiny_run_args(tmp_path, "maze5", "--dist-weight", "0.3", "--batch-size", "6"))
+    task = data.make_task("maze5", n_train=60, n_val=0, n_test=0, cache_dir=str(tmp_path / "cache"), progress=False)
+    model, carry = PoHModel(train.model_config(args, task), verbose=False), train.Carry(args, task, torch.Generator())
+    for step in range(5):
+        x, _, state = carry.next(model, step, "cpu")
+        assert torch.equal(carry.dist, data.goal_distance(x, (5, 5))), step
+        carry.advance(state)
     with pytest.raises(SystemExit):
         train.main(tiny_run_args(tmp_path, "sort6", "--dist-weight", "0.3"))
     assert "--dist-weight is for mazes only" in capsys.readouterr().err

@@ -437,6 +437,7 @@ class Carry:
         self.lo, self.hi = rank * per, (rank + 1) * per  # this process's share of the global slots
         self.whole = world == 1  # one process holds the whole batch; with several each holds a share: none is saved
         self.age = self.x = self.y = self.state = None  # age: segments run by each global slot's sample
+        self.dist = None  # with --dist-weight: each slot's distances to the goal, computed once per sample
 
     @torch.no_grad()
     def next(self, model, step, device):
@@ -449,16 +450,22 @@ class Carry:
             x, y = self.task.train_batch(len(done), self.gen, **curriculum_at(step, self.args, self.task))
             mine = (done >= self.lo) & (done < self.hi)
             x, y, rows = x[mine].to(device), y[mine].to(device), done[mine] - self.lo
-            fresh = model.init_state(x)
+            fresh, dist = model.init_state(x), self.distances(x)
             if first or len(done) == B:  # a whole new batch, whose length may differ (variable-length tasks)
-                self.x, self.y, self.state = x, y, fresh
+                self.x, self.y, self.state, self.dist = x, y, fresh, dist
                 rolling = self.args.batching == "rolling"
                 self.age = torch.arange(B) % S if first and rolling else torch.zeros(B, dtype=torch.long)
             else:
                 self.x[rows], self.y[rows], self.age[done] = x, y, 0
                 for k, v in fresh.items():
                     self.state[k][rows] = v
+                if dist is not None:
+                    self.dist[rows] = dist
         return self.x, self.y, self.state
+
+    def distances(self, x):
+        """The --dist-weight target of the samples x (None without it): derived from x, so never saved."""
+        return goal_distance(x, self.task.grid) if self.args.dist_weight else None
 
     def advance(self, state):
         """After the optimizer step: every slot has run one more segment and carries the state it ended with."""
@@ -476,6 +483,7 @@ class Carry:
             return  # nothing drawn yet, several processes, or another batch size: the run starts a fresh batch
         self.age, self.x, self.y = saved["age"], saved["x"].to(device), saved["y"].to(device)
         self.state = {k: v.to(device) for k, v in saved["state"].items()}
+        self.dist = self.distances(self.x)
 
 
 @torch.no_grad()
@@ -680,10 +688,9 @@ def train_step(r, model, x, y, state, amp, any_rank):
         group["lr"] = group["base_lr"] * lr_at(r.step, args)
     temperature = temperature_at(frac, args.temp_start, args.temp_end, args.temp_floor)
     ew = anneal(args.entropy_weight, 0.0, frac) if args.entropy_anneal else args.entropy_weight
-    dist = goal_distance(x, r.task.grid) if args.dist_weight else None  # the auxiliary target, from x alone
-    with amp or nullcontext():
+    with amp or nullcontext():  # dist: the carried batch's --dist-weight target (None without it)
         out = model(x, y, state=state, temperature=temperature, entropy_weight=ew,
-                    balance_weight=args.balance_weight, grid=r.task.grid, dist=dist)
+                    balance_weight=args.balance_weight, grid=r.task.grid, dist=r.carry.dist)
     loss = out["loss"]
     r.optimizer.zero_grad(set_to_none=True)
     loss.backward()
