@@ -252,6 +252,21 @@ def labelled_path(y, start, n):
     raise ValueError("direction labels loop without reaching the goal")
 
 
+def decoded_paths(logits, x):
+    """Per maze, the greedy rollout's path from the start as a tuple of cells if it reaches the goal, else None:
+    what --segments auto waits to hold still (the answer a user reads; cells off the path may still change)."""
+    scores = logits.detach().float().cpu().numpy()
+    x = x.cpu().numpy()
+    n = int(round(x.shape[1] ** 0.5))
+    target = "direction" if scores.shape[-1] == 5 else "path"
+    paths = []
+    for b in range(len(x)):
+        open_sides, start, goal = decode(x[b], n)
+        path = rollout(scores[b], open_sides, start, goal, target)
+        paths.append(tuple(path) if path[-1] == goal else None)
+    return paths
+
+
 def maze_metrics(logits, x, y, per_item=False):
     """reach / optimal / exact of the greedy rollout and per-cell accuracy, means over the batch (per_item=True:
     a list per metric, one value per maze). A cell is right when its best-scored class is any right one (every

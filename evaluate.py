@@ -14,9 +14,10 @@ Defaults: the checkpoint's task, inner steps, segments and training temperature,
 seed (the same items train.py's test.json was measured on; other maze sizes get their own cached pools from the
 same seeds). Prints the metrics of every segment and writes them as JSON with --out. The model never trains here.
 
---segments auto: each item runs segments until its decoded answer (the argmax class of every token) has stayed the
-same for PATIENCE segments, up to a cap that grows with the grid (segment_cap); the answer is taken where the item
-stopped, and the segments used are reported (mean, max, per item in the JSON).
+--segments auto: each item runs segments until its answer has stayed the same for PATIENCE segments, up to a cap
+that grows with the grid (segment_cap): for a maze the decoded path from the start, once it reaches the goal (cells
+off the path may go on changing), for other tasks the argmax class of every token (answer_keys). The answer is
+taken where the item stopped, and the segments used are reported (mean, max, per item in the JSON).
 """
 
 import argparse
@@ -32,6 +33,16 @@ from hrm_controller import ABLATIONS
 PATIENCE = 3  # segments an item's answer must stay unchanged before it stops (--segments auto)
 
 
+def answer_keys(task, logits, x):
+    """Per item, the answer --segments auto waits to hold still, or None while there is none to wait for: a maze's
+    decoded path while it reaches the goal (data.decoded_paths), any other task's argmax class of every token.
+    Watching every cell of a maze instead ran 12x12 mazes with loops 3.5x longer, into the segments where
+    answers degrade (0.947 optimal against 0.970 on validation mazes; docs/experiments.md)."""
+    if isinstance(task, data.MazeTask):
+        return data.decoded_paths(logits, x)
+    return [tuple(row) for row in logits.argmax(-1).tolist()]
+
+
 def segment_cap(grid, n_layers, n_steps):
     """The most segments --segments auto runs: information moves about one cell per block application, so twice
     the cells over the block applications of a segment (at least 8) lets it cross any path of the grid twice."""
@@ -41,9 +52,9 @@ def segment_cap(grid, n_layers, n_steps):
 @torch.no_grad()
 def run_adaptive(model, task, x, n_steps, temperature, cap, patience=PATIENCE, batch_size=128, device="cpu",
                  ablate=None):
-    """Segments until each item's answer has not changed for `patience` segments, or `cap`. Returns the logits of
-    each item's answer where it stopped (B, N, C) on the CPU and the segments each used (B,). An item that stops
-    leaves the batch, so the time goes to the mazes still being solved."""
+    """Segments until each item's answer (answer_keys) has not changed for `patience` segments, or `cap`. Returns
+    the logits of each item's answer where it stopped (B, N, C) on the CPU and the segments each used (B,). An item
+    that stops leaves the batch, so the time goes to the mazes still being solved."""
     model.eval()
     answers, used_all = [], []
     gen = torch.Generator().manual_seed(0)  # the ablations' random draws, as in train.evaluate
@@ -60,13 +71,15 @@ def run_adaptive(model, task, x, n_steps, temperature, cap, patience=PATIENCE, b
             logits = out["logits"].float().cpu()
             if final is None:
                 final = torch.empty(B, *logits.shape[1:])
-            answer = logits.argmax(-1)  # (active, N)
+            answer = answer_keys(task, logits, xb[active.to(device)])
             if previous is not None:
-                calm = torch.where((answer == previous).all(1), calm + 1, torch.zeros_like(calm))
+                same = torch.tensor([a is not None and a == b for a, b in zip(answer, previous)])
+                calm = torch.where(same, calm + 1, torch.zeros_like(calm))
             stop = (calm >= patience) | (s + 1 == cap)
             final[active[stop]], used[active[stop]] = logits[stop], s + 1
             keep = ~stop
-            active, previous, calm = active[keep], answer[keep], calm[keep]
+            active, calm = active[keep], calm[keep]
+            previous = [a for a, k in zip(answer, keep.tolist()) if k]
             if not len(active):
                 break
             state = {k: v[keep.to(v.device)] for k, v in out["state"].items()}
@@ -193,7 +206,8 @@ def main(argv=None):
           f"{result['temperature']:.3f}" + (f", routing ablated: {args.ablate_routing}" if args.ablate_routing else ""))
     if result["segments"] == "auto":
         print(f"  segments used: mean {result['segments_used']:.2f}, max {result['segments_max']} "
-              f"(cap {result['segment_cap']}, an item stops when its answer is unchanged for {PATIENCE} segments)")
+              f"(cap {result['segment_cap']}, an item stops when its answer (a maze: its path) is unchanged for "
+              f"{PATIENCE} segments)")
         print("  answers: " + " ".join(f"{k} {v:.4f}" for k, v in result["per_segment"][0].items()))
     for s, seg in enumerate(result["per_segment"] if result["segments"] != "auto" else []):
         print(f"  segment {s + 1}: " + " ".join(f"{k} {v:.4f}" for k, v in seg.items()))

@@ -81,8 +81,8 @@ def fresh_mazes(n, count, seed, target, generator=data.GENERATOR, gen_kwargs=Non
 @torch.no_grad()
 def run_traced(model, x, grid, segments, n_steps, temperature, patience=None):
     """Run `segments` forwards carrying the state, as train.evaluate does, keeping every inner step's trace; with
-    `patience`, stop early once every maze's decoded answer has not changed for that many segments (segments is
-    then the cap, as in evaluate.py --segments auto). Returns the final logits (B, N, C) and a list of per-step
+    `patience`, stop early once every maze's decoded path has reached the goal and not changed for that many
+    segments (segments is then the cap, as in evaluate.py --segments auto). Returns the final logits (B, N, C) and a list of per-step
     dicts with 'seg' and 't' added (the segments run: steps[-1]['seg'] + 1)."""
     model.eval()
     state, steps, previous, calm = None, [], None, 0
@@ -90,10 +90,12 @@ def run_traced(model, x, grid, segments, n_steps, temperature, patience=None):
         out = model(x, state=state, temperature=temperature, grid=grid, n_steps=n_steps, trace=True)
         state = out["state"]
         steps += [{"seg": s, "t": t, **step} for t, step in enumerate(out["trace"])]
-        answer = out["logits"].argmax(-1)
-        calm = calm + 1 if previous is not None and torch.equal(answer, previous) else 0
+        if patience is None:
+            continue
+        answer = data.decoded_paths(out["logits"], x)  # as evaluate.py --segments auto watches each maze
+        calm = calm + 1 if None not in answer and answer == previous else 0
         previous = answer
-        if patience is not None and calm >= patience:
+        if calm >= patience:
             break
     return out["logits"], steps
 
@@ -220,7 +222,7 @@ def main(argv=None):
     n = args.grid_n or trained_n
     n_steps = args.inner_steps or config.get("eval_steps") or cfg.R
     segments = evaluate.parse_segments(args.segments) or (config["segments"] if n == trained_n else "auto")
-    # auto: up to evaluate.py's cap for this grid, stopping once every answer has held for PATIENCE segments
+    # auto: up to evaluate.py's cap for this grid, stopping once every decoded path has held for PATIENCE segments
     cap = evaluate.segment_cap((n, n), cfg.n_layers, n_steps) if segments == "auto" else segments
     temperature = train.checkpoint_temperature(ckpt)
     target = "direction" if cfg.n_classes == 5 else "path"  # as data.maze_metrics reads it
@@ -239,8 +241,8 @@ def main(argv=None):
     logits, steps = run_traced(model, x.to(device), (n, n), cap, n_steps, temperature,
                                patience=evaluate.PATIENCE if segments == "auto" else None)
     if segments == "auto":
-        print(f"ran {steps[-1]['seg'] + 1} segments (every answer unchanged for {evaluate.PATIENCE} segments, "
-              f"or the cap)")
+        print(f"ran {steps[-1]['seg'] + 1} segments (every path at the goal and unchanged for {evaluate.PATIENCE} "
+              f"segments, or the cap)")
     scores = logits.float().cpu().numpy()
     mazes, titles = [], []
     for b in range(args.num_samples):

@@ -1837,10 +1837,6 @@ def test_segments_auto_stops_a_stable_answer_and_runs_a_changing_one_to_the_cap(
     assert used.tolist() == [3, 10, 3]
     assert (logits[0].argmax(-1) == 1).all() and (logits[1].argmax(-1) == 9 % 5).all()  # answers where they stopped
     assert model.batch_sizes == [3, 3, 3] + [1] * 7  # stopped items leave the batch
-    # sample_maze.py's auto: the whole batch stops once every answer has held, else it runs to the cap
-    for x, ran in [(torch.tensor([[0] * 9, [0] * 9]), 3), (x, 10)]:
-        _, steps = sample_maze.run_traced(StableOrRestless(), x, (3, 3), 10, 1, 1.0, patience=2)
-        assert steps[-1]["seg"] + 1 == ran
     assert evaluate.segment_cap((12, 12), 2, 8) == 18 and evaluate.segment_cap((3, 3), 2, 8) == 8
     # through the command line, on a real (tiny) run: segments used are reported and within the cap
     result = evaluate.main([str(maze_run), "--segments", "auto", "--n-test", "12"])
@@ -1849,6 +1845,46 @@ def test_segments_auto_stops_a_stable_answer_and_runs_a_changing_one_to_the_cap(
     assert "segments used: mean" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--segments must be >= 1 or auto"):
         evaluate.main([str(maze_run), "--segments", "many"])
+
+
+class FlickeringMazeAnswers(nn.Module):
+    """A stand-in maze model for --segments auto: answers each maze (looked up by its tokens) with fixed logits,
+    except one cell whose best move turns every segment (the segment count is carried in the state)."""
+
+    def __init__(self, answers, cell):
+        super().__init__()
+        self.answers, self.cell = answers, cell
+
+    def forward(self, x, state=None, **kw):
+        count = torch.zeros(len(x), dtype=torch.long) if state is None else state["count"] + 1
+        logits = torch.stack([self.answers[tuple(row.tolist())] for row in x]).clone()
+        logits[:, self.cell] = 5.0 * F.one_hot(count % 4, 5).float()
+        return {"logits": logits, "state": {"count": count}, "trace": [{"logits": logits}]}
+
+
+def test_segments_auto_on_mazes_waits_for_the_decoded_path_not_for_every_cell():
+    o = maze_from_edges(3, EDGES)  # the shortest path from (0, 0) to (2, 0) goes through the middle
+    solved = torch.from_numpy(data.encode(o, (0, 0), (2, 0)))
+    stuck = torch.from_numpy(data.encode(o, (0, 2), (2, 0)))  # from (0, 2): its answer heads S into a dead end
+    right = 5.0 * F.one_hot(torch.from_numpy(data.first_class(data.labels(o, (0, 0), (2, 0)))), 5).float()
+    wrong = right.clone()
+    wrong[[2, 5]] = 5.0 * F.one_hot(torch.tensor(2), 5).float()  # (0, 2) and (1, 2) go S, to (2, 2) and (2, 1)
+    model = FlickeringMazeAnswers({tuple(solved.tolist()): right, tuple(stuck.tolist()): wrong}, cell=8)
+    x = torch.stack([solved, stuck])
+    assert data.decoded_paths(right[None], solved[None]) == [((0, 0), (0, 1), (1, 1), (1, 0), (2, 0))]
+    assert data.decoded_paths(wrong[None], stuck[None]) == [None]  # it stops at the dead end (2, 1)
+    # (2, 2)'s answer changes every segment, off the solved maze's path: the solved maze stops once its path has
+    # held for 2 segments; the stuck one never reaches the goal and runs to the cap
+    task = object.__new__(data.MazeTask)
+    task.grid = (3, 3)
+    _, used = evaluate.run_adaptive(model, task, x, n_steps=1, temperature=1.0, cap=10, patience=2)
+    assert used.tolist() == [3, 10]
+    # sample_maze.py's auto: the whole batch stops once every maze's path has held, else it runs to the cap
+    for batch, ran in [(x[:1], 3), (x, 10)]:
+        _, steps = sample_maze.run_traced(model, batch, (3, 3), 10, 1, 1.0, patience=2)
+        assert steps[-1]["seg"] + 1 == ran
+    _, steps = sample_maze.run_traced(model, x[:1], (3, 3), 5, 1, 1.0)  # a fixed count runs every segment
+    assert steps[-1]["seg"] + 1 == 5
 
 
 def test_checkpoints_of_older_versions_resume_and_are_scored_at_the_end_of_the_anneal(tmp_path):
