@@ -31,6 +31,7 @@ import time
 import torch
 
 from model import ModelConfig, PoHModel
+import train
 from train import model_config, pick_device, resolve_args, task_kind
 
 
@@ -130,6 +131,7 @@ def peak_memory_probe(task, R, grad, device, batch_size=None):
 
 
 def main(argv=None):
+    train.keep_freed_memory()  # as train.py and evaluate.py run
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--task", default="maze12", help="the shape to benchmark (a task's default recipe)")
@@ -202,7 +204,6 @@ def main(argv=None):
         results["attention"] = rows
 
         import data
-        import train
         print(f"5. evaluation throughput: {a.eval_mazes} fresh {a.task} mazes, the recipe's segments, rollout included")
         model, args = make_model(a.task, "hrm", device)
         n = int(a.task[4:])
@@ -217,7 +218,6 @@ def main(argv=None):
         print(f"  {rate:.1f} mazes/s ({args.segments} segments x {args.R} inner steps)")
 
     if a.quick > 0:
-        import train
         print(f"6. time-to-accuracy: default {a.task} hrm recipe for {a.quick:.0f} s of training")
         out_dir = f"runs/bench-quick-{int(time.time())}"
         result = train.main(["--task", a.task, "--time-budget", str(a.quick), "--out-dir", out_dir,

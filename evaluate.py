@@ -50,7 +50,7 @@ def segment_cap(grid, n_layers, n_steps):
 
 
 @torch.no_grad()
-def run_adaptive(model, task, x, n_steps, temperature, cap, patience=PATIENCE, batch_size=128, device="cpu",
+def run_adaptive(model, task, x, n_steps, temperature, cap, patience=PATIENCE, batch_size=64, device="cpu",
                  ablate=None):
     """Segments until each item's answer (answer_keys) has not changed for `patience` segments, or `cap`. Returns
     the logits of each item's answer where it stopped (B, N, C) on the CPU and the segments each used (B,). An item
@@ -110,7 +110,7 @@ def get_parser():
     p.add_argument("--n-test", type=int, default=None, help="test items (default: as many as the run was tested on "
                    "for its own task: 1,000 mazes, 10,000 sorts, all 2,077 sentences; 1,000 for another size)")
     p.add_argument("--data-dir", default=None, help="where generated maze sets are cached (default: the run's)")
-    p.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
+    p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--ablate-routing", default=None, choices=ABLATIONS,
                    help="replace the controller's head weights: uniform (all heads), shuffle (another token's "
@@ -125,7 +125,7 @@ def get_parser():
 
 
 def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, data_dir=None,
-          batch_size=128, device="cpu", ablate=None, generator=None, gen_kwargs=None):
+          batch_size=64, device="cpu", ablate=None, generator=None, gen_kwargs=None):
     """Returns {"task", "inner_steps", "segments", "temperature", "ablate", "n_test", **final segment metrics,
     "per_segment": [...], "routing": last segment's per-step head usage or None, "chance": {...}}; with
     segments="auto" also "segments_used" (mean), "segments_max", "segment_cap" and "segments_per_item", and
@@ -185,6 +185,7 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
 
 
 def main(argv=None):
+    train.keep_freed_memory()  # 20-25% less time on a CPU (train.keep_freed_memory)
     args = get_parser().parse_args(argv)
     args.segments = parse_segments(args.segments)
     for flag, value in (("--inner-steps", args.inner_steps), ("--n-test", args.n_test)):

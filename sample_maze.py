@@ -205,6 +205,7 @@ def get_parser():
 
 
 def main(argv=None):
+    train.keep_freed_memory()
     args = get_parser().parse_args(argv)
     if args.num_samples < 1:
         raise SystemExit("error: --num-samples must be >= 1")
