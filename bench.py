@@ -30,8 +30,8 @@ import time
 
 import torch
 
-from model import ModelConfig, PoHModel
 import train
+from model import ModelConfig, PoHModel
 from train import model_config, pick_device, resolve_args, task_kind
 
 

@@ -82,8 +82,8 @@ def fresh_mazes(n, count, seed, target, generator=data.GENERATOR, gen_kwargs=Non
 def run_traced(model, x, grid, segments, n_steps, temperature, patience=None):
     """Run `segments` forwards carrying the state, as train.evaluate does, keeping every inner step's trace; with
     `patience`, stop early once every maze's decoded path has reached the goal and not changed for that many
-    segments (segments is then the cap, as in evaluate.py --segments auto). Returns the final logits (B, N, C) and a list of per-step
-    dicts with 'seg' and 't' added (the segments run: steps[-1]['seg'] + 1)."""
+    segments (segments is then the cap, as in evaluate.py --segments auto). Returns the final logits (B, N, C) and
+    a list of per-step dicts with 'seg' and 't' added (the segments run: steps[-1]['seg'] + 1)."""
     model.eval()
     state, steps, previous, calm = None, [], None, 0
     for s in range(segments):
