@@ -252,19 +252,22 @@ def labelled_path(y, start, n):
     raise ValueError("direction labels loop without reaching the goal")
 
 
+def greedy_paths(scores, x):
+    """The greedy rollout of every maze of a batch: scores (B, N, C) and tokens x (B, N) as numpy arrays -> per
+    maze (open_sides, start, goal, path). The target is read from the class count (5: direction, 2: path)."""
+    B, N, C = scores.shape
+    if C not in (5, 2):
+        raise ValueError(f"maze logits need 5 (direction) or 2 (path) classes, got {C}")
+    n, target = int(round(N ** 0.5)), "direction" if C == 5 else "path"
+    mazes = [decode(x[b], n) for b in range(B)]
+    return [(*maze, rollout(scores[b], *maze, target)) for b, maze in enumerate(mazes)]
+
+
 def decoded_paths(logits, x):
     """Per maze, the greedy rollout's path from the start as a tuple of cells if it reaches the goal, else None:
     what --segments auto waits to hold still (the answer a user reads; cells off the path may still change)."""
-    scores = logits.detach().float().cpu().numpy()
-    x = x.cpu().numpy()
-    n = int(round(x.shape[1] ** 0.5))
-    target = "direction" if scores.shape[-1] == 5 else "path"
-    paths = []
-    for b in range(len(x)):
-        open_sides, start, goal = decode(x[b], n)
-        path = rollout(scores[b], open_sides, start, goal, target)
-        paths.append(tuple(path) if path[-1] == goal else None)
-    return paths
+    rolled = greedy_paths(logits.detach().float().cpu().numpy(), x.cpu().numpy())
+    return [tuple(path) if path[-1] == goal else None for _, _, goal, path in rolled]
 
 
 def maze_metrics(logits, x, y, per_item=False):
@@ -276,20 +279,14 @@ def maze_metrics(logits, x, y, per_item=False):
     Needs nothing but its arguments, so it scores mazes of any size; the target is read from the class count."""
     scores = logits.detach().float().cpu().numpy()
     x, y = x.cpu().numpy(), y.cpu().numpy()
-    B, N, C = scores.shape
-    n = int(round(N ** 0.5))
-    if C not in (5, 2):
-        raise ValueError(f"maze logits need 5 (direction) or 2 (path) classes, got {C}")
-    target = "direction" if C == 5 else "path"
+    n = int(round(scores.shape[1] ** 0.5))
     out = {"reach": [], "optimal": [], "exact": [], "cell_acc": [], "unique": []}
-    for b in range(B):
-        open_sides, start, goal = decode(x[b], n)
-        if target == "direction":  # the labelled path, read off the labels (no BFS per maze and segment)
+    for b, (open_sides, start, goal, path) in enumerate(greedy_paths(scores, x)):
+        if scores.shape[-1] == 5:  # direction: the labelled path, read off the labels (no BFS per maze and segment)
             best, unique = labelled_path(y[b], start, n)
         else:
             dist, best = solve(open_sides, start, goal)
             unique = labelled_path(shortest_moves(open_sides, dist).reshape(-1), start, n)[1]
-        path = rollout(scores[b], open_sides, start, goal, target)
         reached = path[-1] == goal
         out["reach"].append(float(reached))
         out["optimal"].append(float(reached and len(path) == len(best)))
