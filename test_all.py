@@ -352,7 +352,7 @@ def test_supervise_every_3_gives_gradient_only_to_the_intended_steps():
 
 def test_unset_flags_take_the_task_recipe_and_explicit_flags_win():
     maze, sort = train.resolve_args(["--task", "maze12"]), train.resolve_args(["--task", "sort12"])
-    assert (maze.batching, maze.max_steps, maze.attn, maze.segments, maze.R) == ("rolling", 3000, "open", 16, 4)
+    assert (maze.batching, maze.max_steps, maze.attn, maze.segments, maze.R) == ("rolling", 3000, "open", 32, 2)
     assert (maze.ema, sort.ema, train.resolve_args(["--task", "maze12", "--ema", "0"]).ema) == (0.995, 0.0, 0.0)
     assert (sort.batching, sort.max_steps, sort.attn, sort.segments) == ("fixed", 2000, "global", 1)
     mine = train.resolve_args(["--task", "maze12", "--batching", "fixed", "--max-steps", "4000", "--R", "3"])
@@ -692,6 +692,20 @@ def test_logged_samples_per_second_leave_out_evaluation_time(tmp_path, monkeypat
     # 8 samples (batch 4 x 2 segments) since the 2 s evaluation: counting it would give at most 4 samples/s; the
     # margin lets a busy machine take up to 1.3 s for the tiny step itself
     assert after_eval["samples_per_s"] > 6
+
+
+def test_a_tie_in_validation_optimal_is_broken_by_cell_accuracy(tmp_path, monkeypatch):
+    real_evaluate, scripted = train.evaluate, [(0.5, 0.90), (0.5, 0.95), (0.5, 0.93)]  # validations at steps 2, 4, 6
+
+    def scripted_evaluate(*args, **kwargs):
+        scored = real_evaluate(*args, **kwargs)
+        if scripted:  # the three validations; the test evaluation after them is left as it is
+            scored["per_segment"][-1].update(zip(("optimal", "cell_acc"), scripted.pop(0)))
+        return scored
+    monkeypatch.setattr(train, "evaluate", scripted_evaluate)
+    train.main(tiny_run_args(tmp_path, "maze5", "--max-steps", "6"))
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert best["step"] == 4 and best["best_val"] == pytest.approx((0.5, 0.95))  # not the first of the tie
 
 
 def test_save_then_resume_continues_from_the_saved_step(tmp_path):
