@@ -162,6 +162,8 @@ def add_run_flags(p):
     g.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
     g.add_argument("--dist-weight", type=float, default=0.0, help="mazes: > 0 adds an auxiliary target, each "
                    "cell's BFS distance to the goal read off the answer's state (a Huber loss of this weight)")
+    g.add_argument("--dist-period", type=int, default=0, help="with --dist-weight: 0 reads the distance itself, "
+                   "P >= 2 classifies it modulo P (a target of the same range at every maze size)")
     g.add_argument("--dropout", type=float, default=None, help="dropout on the embedded input and on each block's "
                    "attention and MLP outputs")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
@@ -220,6 +222,9 @@ def resolve_args(argv=None):
                     (task_kind(args.task) == "parse" or args.word_dropout == 0, "--word-dropout is for ud_ewt only"),
                     (args.dist_weight >= 0, f"--dist-weight must be >= 0, got {args.dist_weight}"),
                     (task_kind(args.task) == "maze" or args.dist_weight == 0, "--dist-weight is for mazes only"),
+                    (args.dist_period == 0 or args.dist_period >= 2,
+                     f"--dist-period must be 0 or >= 2, got {args.dist_period}"),
+                    (args.dist_period == 0 or args.dist_weight > 0, "--dist-period needs --dist-weight > 0"),
                     (task_kind(args.task) != "parse" or args.batching == "fixed" and args.attn == "global",
                      "ud_ewt needs --batching fixed and --attn global (batches differ in length)")]:
         if not ok:
@@ -239,7 +244,7 @@ def model_config(args, task):
         hard_route=args.hard_route, h_gate=args.h_gate,
         reset_controller=args.reset_controller, grad=args.grad, grad_steps=args.grad_steps, supervise=args.supervise,
         ponder_weight=args.ponder_weight, ponder_prior=args.ponder_prior, label_smoothing=args.label_smoothing,
-        dropout=args.dropout, dist_weight=args.dist_weight,
+        dropout=args.dropout, dist_weight=args.dist_weight, dist_period=args.dist_period,
         label_sets=task_kind(args.task) == "maze",  # maze labels are bitmasks: every shortest move is right
         **(dict(output="biaffine", pad_token=0, feature_vocab=task.feature_vocab)
            if task_kind(args.task) == "parse" else {}))
@@ -624,7 +629,8 @@ def build(args, device, rank, world):
 
 # model fields --init-from may change: how the same weights are run and trained (inner steps, gradient, loss),
 # not which weights there are (the distance head is the one exception: see init_weights)
-TUNABLE = ("R", "grad", "grad_steps", "supervise", "label_smoothing", "dropout", "dist_weight", "attn_impl")
+TUNABLE = ("R", "grad", "grad_steps", "supervise", "label_smoothing", "dropout", "dist_weight", "dist_period",
+           "attn_impl")
 
 
 def check_same_model(r, ckpt, path, free=()):
@@ -641,14 +647,17 @@ def check_same_model(r, ckpt, path, free=()):
 def init_weights(r, path):
     """--init-from: copy a trained model's weights (its EMA weights where it kept them) into the model and its
     EMA copy; everything else (optimizer, schedule, step, data order) starts as in a fresh run. The fields in
-    TUNABLE may change: a distance head the trained model lacks starts fresh, one the flags drop is left out."""
+    TUNABLE may change: a distance head the trained model lacks (or has for another --dist-period) starts fresh, one
+    the flags drop is left out."""
     path = checkpoint_file(path)
     try:
         trained, ckpt = load_checkpoint(path)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: --init-from: {exc}") from None
     check_same_model(r, ckpt, path, TUNABLE)
-    weights = {k: v for k, v in trained.state_dict().items() if not k.startswith("dist_head.") or r.cfg.dist_weight}
+    own = r.model.state_dict()
+    weights = {k: v for k, v in trained.state_dict().items()
+               if not k.startswith("dist_head.") or (k in own and own[k].shape == v.shape)}
     for model in (r.model, r.ema) if r.ema is not None else (r.model,):
         missing, unexpected = model.load_state_dict(weights, strict=False)
         assert not unexpected and all(k.startswith("dist_head.") for k in missing), (missing, unexpected)
