@@ -297,6 +297,24 @@ def maze_metrics(logits, x, y, per_item=False):
     return out if per_item else {k: nan_mean(v) for k, v in out.items()}
 
 
+
+def accuracy_by_distance(logits, x, y, width):
+    """Per-cell accuracy in bands of `width` moves of distance to the goal (goal_distance), over the whole batch:
+    [{"from": d, "to": d + width, "cells": n, "cell_acc": a}, ...] for the bands with cells. Where a model trained
+    on small mazes goes wrong on large ones: near the goal, or beyond the distances it has seen."""
+    n = int(round(x.shape[1] ** 0.5))
+    dist = goal_distance(x.cpu(), (n, n)).numpy()
+    y = y.cpu().numpy()
+    right = ((y >> logits.detach().float().cpu().numpy().argmax(-1)) & 1) == 1
+    known = (y != IGNORE) & (dist >= 0)
+    bands = []
+    for lo in range(0, int(dist.max()) + 1, width):
+        cells = known & (dist >= lo) & (dist < lo + width)
+        if cells.any():
+            bands.append({"from": lo, "to": lo + width, "cells": int(cells.sum()),
+                          "cell_acc": float(right[cells].mean())})
+    return bands
+
 # Mazes: generation, caching and the task.
 
 @contextmanager

@@ -9,6 +9,7 @@ with more inner steps and segments (size generalisation), or an old run under ne
     python evaluate.py runs/maze12-hrm-s0 --task maze24 --segments auto     # as many segments as each maze needs
     python evaluate.py runs/maze12-hrm-s0 --generator gen_dfs_percolation --gen-arg p=0.1   # mazes with loops
     python evaluate.py runs/maze12-hrm-s0 --segments 32 --plot segments.png   # accuracy against segments
+    python evaluate.py runs/maze12-hrm-s0 --task maze24 --segments auto --by-distance 30   # where it goes wrong
 
 Defaults: the checkpoint's task, inner steps, segments and training temperature, and the test split of its data
 seed (the same items train.py's test.json was measured on; other maze sizes get their own cached pools from the
@@ -120,17 +121,20 @@ def get_parser():
                    "(e.g. gen_dfs_percolation, gen_wilson; default: the training data's, gen_dfs)")
     p.add_argument("--gen-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="an argument of --generator, e.g. p=0.1 (loop density of gen_dfs_percolation); repeatable")
+    p.add_argument("--by-distance", type=int, default=None, metavar="MOVES",
+                   help="mazes: also print the answers' cell accuracy in bands of this many moves from the goal")
     p.add_argument("--plot", default=None, help="mazes: draw reach and optimal against segments into this PNG")
     p.add_argument("--out", default=None, help="write the result here as JSON")
     return p
 
 
 def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, data_dir=None,
-          batch_size=64, device="cpu", ablate=None, generator=None, gen_kwargs=None):
+          batch_size=64, device="cpu", ablate=None, generator=None, gen_kwargs=None, by_distance=None):
     """Returns {"task", "inner_steps", "segments", "temperature", "ablate", "n_test", **final segment metrics,
     "per_segment": [...], "routing": last segment's per-step head usage or None, "chance": {...}}; with
     segments="auto" also "segments_used" (mean), "segments_max", "segment_cap" and "segments_per_item", and
-    per_segment holds the one set of metrics of the answers where each item stopped."""
+    per_segment holds the one set of metrics of the answers where each item stopped; with by_distance (mazes) also
+    "by_distance", data.accuracy_by_distance of the answers (the last segment's, or where each item stopped)."""
     path = train.checkpoint_file(path)
     model, ckpt = train.load_checkpoint(path, device)
     config = ckpt.get("config") or {}
@@ -174,6 +178,13 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
         scored = train.evaluate(model, task, x, y, segments, n_steps=inner_steps, temperature=temperature,
                                 batch_size=batch_size, device=device, ablate=ablate)
         per_seg, routing = scored["per_segment"], scored["routing"]
+        if by_distance:  # the last segment's logits: the same run again, never stopping early
+            logits, _ = run_adaptive(model, task, x, inner_steps, temperature, segments, patience=segments,
+                                     batch_size=batch_size, device=device, ablate=ablate)
+    if by_distance:
+        if not task_name.startswith("maze"):
+            raise ValueError("--by-distance applies to maze tasks only")
+        extra["by_distance"] = data.accuracy_by_distance(logits, x, y, by_distance)
     # the yardstick printed beside the scores: random scores through the same decoder (mazes), or the simple
     # reference that puts hidden values at 0 (sorting, about the best possible tau with half hidden)
     chance = (task.chance(x, y) if hasattr(task, "chance") else
@@ -189,7 +200,8 @@ def main(argv=None):
     train.keep_freed_memory()  # no page faulting of freed blocks: about 30% less time on a CPU
     args = get_parser().parse_args(argv)
     args.segments = parse_segments(args.segments)
-    for flag, value in (("--inner-steps", args.inner_steps), ("--n-test", args.n_test)):
+    for flag, value in (("--inner-steps", args.inner_steps), ("--n-test", args.n_test),
+                        ("--by-distance", args.by_distance)):
         if value is not None and value < 1:
             raise SystemExit(f"error: {flag} must be >= 1, got {value}")
     try:
@@ -199,7 +211,7 @@ def main(argv=None):
     try:
         result = score(args.checkpoint, args.task, args.inner_steps, args.segments, args.n_test, args.data_dir,
                        args.batch_size, train.pick_device(args.device), args.ablate_routing, args.generator,
-                       gen_kwargs or None)
+                       gen_kwargs or None, args.by_distance)
     except (FileNotFoundError, ValueError) as exc:  # ValueError: also an argument the generator does not take
         raise SystemExit(f"error: {exc}") from None
     print(f"{result['checkpoint']} (step {result['step']}) on {result['task']}"
@@ -213,6 +225,9 @@ def main(argv=None):
         print("  answers: " + " ".join(f"{k} {v:.4f}" for k, v in result["per_segment"][0].items()))
     for s, seg in enumerate(result["per_segment"] if result["segments"] != "auto" else []):
         print(f"  segment {s + 1}: " + " ".join(f"{k} {v:.4f}" for k, v in seg.items()))
+    for band in result.get("by_distance", []):
+        print(f"  {band['from']}-{band['to'] - 1} moves from the goal: cell_acc {band['cell_acc']:.4f} "
+              f"({band['cells']} cells)")
     if result["routing"]:  # share of tokens keeping each head, and the most common head set's share
         print("  routing in the last segment (step: tokens keeping each head | most common set):")
         for t, (u, m) in enumerate(zip(result["routing"]["usage"], result["routing"]["modal_share"])):

@@ -981,6 +981,27 @@ def test_evaluate_reproduces_test_json_and_scores_larger_mazes_with_more_steps(m
         evaluate.main([str(tmp_path / "nothing.pt")])
 
 
+def test_accuracy_by_distance_bands_the_cells_by_their_moves_to_the_goal(maze_run, capsys):
+    pool = data.generate_mazes(5, 6, 3)
+    x = torch.from_numpy(data.encode(pool["open"], pool["start"], pool["goal"]))
+    y = torch.from_numpy(data.batch_labels(pool["open"], pool["start"], pool["dist"].astype(np.int64)))
+    dist = data.goal_distance(x, (5, 5))
+    logits = torch.nn.functional.one_hot(torch.from_numpy(data.first_class(y.numpy())), 5).float()
+    logits[dist >= 4] = logits[dist >= 4].roll(1, dims=-1)  # every cell 4 or more moves out scores a wrong move
+    bands = data.accuracy_by_distance(logits, x, y, 2)
+    assert [b["from"] for b in bands] == list(range(0, 2 * len(bands), 2)) and bands[-1]["from"] <= dist.max()
+    assert sum(b["cells"] for b in bands) == 6 * 25  # perfect mazes: every cell reaches the goal
+    assert [b["cell_acc"] for b in bands[:2]] == [1.0, 1.0] and all(b["cell_acc"] == 0.0 for b in bands[2:])
+    # evaluate.py: the bands of the last segment's answers, which average to its cell accuracy
+    result = evaluate.main([str(maze_run), "--n-test", "12", "--segments", "2", "--by-distance", "3"])
+    bands = result["by_distance"]
+    mean = sum(b["cells"] * b["cell_acc"] for b in bands) / sum(b["cells"] for b in bands)
+    assert mean == pytest.approx(result["per_segment"][-1]["cell_acc"], abs=1e-6)
+    assert "0-2 moves from the goal: cell_acc" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--by-distance must be >= 1"):
+        evaluate.main([str(maze_run), "--by-distance", "0"])
+
+
 def test_evaluate_from_another_folder_uses_the_runs_cache_and_writes_no_new_pool(maze_run, tmp_path, monkeypatch,
                                                                                   capsys):
     cache = maze_run.parent / "cache"
