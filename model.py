@@ -16,7 +16,7 @@ sum_t p_t L_t and the regulariser KL(p || truncated Geometric(ponder_prior)). A 
 first step where its cumulative halting probability reaches 0.5.
 Distance head (dist_weight > 0, mazes): a linear read of each cell's BFS distance to the goal off the state the
 answer comes from, an auxiliary loss only (distance_loss); the answer never reads it. With dist_period P > 0 the
-head classifies the distance modulo P instead: a target that is the same at every maze size.
+head reads the distance as a phase, (cos, sin) of 2 pi d / P: a target of the same range at every maze size.
 
 The carried state (h, z_L, z_H) goes in and comes out of forward, detached, so train.py can run several
 segments per batch (HRM-style deep supervision).
@@ -66,7 +66,7 @@ class ModelConfig:
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     dist_weight: float = 0.0  # > 0 builds a head that reads each cell's distance to the goal (mazes) off the same
     # state as the answer, trained by a Huber loss of this weight: an auxiliary target, see distance_loss
-    dist_period: int = 0  # 0: the head predicts the distance; P >= 2: it classifies the distance modulo P
+    dist_period: int = 0  # 0: the head predicts the distance; P >= 3: its phase, one turn every P moves
     dropout: float = 0.0  # dropout on the embedded input and on each block's attention and MLP outputs (training)
     label_sets: bool = False  # labels are bitmasks of the right classes (mazes: every equally short move is right)
     output: str = "classes"  # "classes" (one class per token) or "biaffine" (a head and a relation per word: parsing)
@@ -95,7 +95,7 @@ class ModelConfig:
             (self.output in ("classes", "biaffine"), f"output must be classes or biaffine, got {self.output!r}"),
             (self.output == "classes" or self.ponder_weight == 0, "pondering needs per-token classes, not biaffine"),
             (self.dist_weight >= 0, f"dist-weight must be >= 0, got {self.dist_weight}"),
-            (self.dist_period == 0 or self.dist_period >= 2, f"dist-period must be 0 or >= 2, got {self.dist_period}"),
+            (self.dist_period == 0 or self.dist_period >= 3, f"dist-period must be 0 or >= 3, got {self.dist_period}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -145,13 +145,14 @@ def distance_loss(pred, dist, period=0):
     """Loss of the distance head against each cell's distance to the goal, dist (B, N) in moves (-1: unreachable,
     skipped). period 0: pred (B, N) in units of DIST_SCALE moves, a Huber loss, quadratic within one move of the
     truth and linear beyond (the answer needs distances right to the move, and a far-off start must not swamp the
-    rest). period P: pred (B, N, P) scores of the distance modulo P, cross-entropy. A linear read of the distance
-    must count as far as the largest maze (a 12x12 model's read stops near 63 moves: 24x24 mazes have paths of
-    300); the distance modulo 3 is all a BFS needs, since two open neighbours are one move apart, and it has the
-    same range at every size (docs/experiments.md)."""
+    rest). period P: pred (B, N, 2) is the distance as a phase, (cos, sin) of 2 pi d / P, a squared error: a clock
+    hand that turns 1/P of a turn per move. A read of the distance itself must count as far as the largest maze
+    (a 12x12 model's read stops near 63 moves, and 24x24 mazes have paths of 300); a phase has the same range at
+    every size, and a shortest move still shows, to a neighbour whose hand is 1/P of a turn behind (P >= 3)."""
     known = dist >= 0
     if period:
-        return F.cross_entropy(pred[known], dist[known].long() % period)
+        angle = dist[known] * (2 * math.pi / period)
+        return F.mse_loss(pred[known], torch.stack([angle.cos(), angle.sin()], -1), reduction="sum") / angle.numel()
     return F.smooth_l1_loss(pred[known], dist[known] / DIST_SCALE, beta=1.0 / DIST_SCALE)
 
 
@@ -194,7 +195,7 @@ class PoHModel(nn.Module):
                 kind=cfg.controller, d_model=cfg.d_model, n_heads=cfg.n_heads, d_ctrl=cfg.d_ctrl, T=cfg.T,
                 top_k=cfg.top_k, hard_route=cfg.hard_route, h_gate=cfg.h_gate, where=cfg.ctrl_where))
         self.halt = nn.Linear(cfg.d_model, 1) if cfg.ponder_weight > 0 else None
-        self.dist_head = nn.Linear(cfg.d_model, cfg.dist_period or 1) if cfg.dist_weight > 0 else None
+        self.dist_head = nn.Linear(cfg.d_model, 2 if cfg.dist_period else 1) if cfg.dist_weight > 0 else None
         self.apply(self._init_weights)
         if self.halt is not None:  # special case: start halting at the prior's per-step probability
             nn.init.constant_(self.halt.bias, math.log(cfg.ponder_prior / (1 - cfg.ponder_prior)))

@@ -1464,7 +1464,7 @@ def test_init_from_may_change_the_inner_steps_and_add_or_drop_the_distance_head(
     train.main(tiny_run_args(tmp_path, "maze5", "--out-dir", str(tmp_path / "mod"), "--init-from", str(tuned),
                              "--lr", "0", "--dist-weight", "0.3", "--dist-period", "3"))
     modded = torch.load(tmp_path / "mod" / "ckpt.pt", weights_only=True)["model"]
-    assert modded["dist_head.weight"].shape == (3, ckpt["model"]["dist_head.weight"].shape[1])
+    assert modded["dist_head.weight"].shape == (2, ckpt["model"]["dist_head.weight"].shape[1])
     torch.testing.assert_close(modded["head.weight"], ckpt["model"]["head.weight"], rtol=0, atol=0)
     # the carried batch computes each sample's target once, when it arrives, and keeps it with the sample
     args = train.resolve_args(tiny_run_args(tmp_path, "maze5", "--dist-weight", "0.3", "--batch-size", "6"))
@@ -1814,25 +1814,28 @@ def test_the_distance_head_trains_on_its_own_loss_and_leaves_the_answer_alone():
     assert m.head.weight.grad is None or m.head.weight.grad.abs().sum() == 0
 
 
-def test_the_periodic_distance_target_is_the_distance_modulo_the_period():
-    # dist_period P: the head scores P classes and is trained by cross-entropy on distance % P, unreachable skipped;
-    # so cells 3 moves apart share a target, and the loss is near 0 only where the right residue scores highest
+def test_the_periodic_distance_target_is_a_phase_that_turns_once_every_period():
+    # dist_period P: the head reads (cos, sin) of 2 pi d / P, a squared error, unreachable cells skipped; so cells P
+    # moves apart share a target, and the target of a neighbour one move closer is 1/P of a turn behind
     dist = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0, -1.0]])
-    right = torch.nn.functional.one_hot(torch.tensor([[0, 1, 2, 0, 1, 2]]), 3).float() * 30.0
+    turn = torch.tensor([[0.0, 1.0, 2.0, 0.0, 1.0, 0.0]]) * (2 * math.pi / 3)
+    right = torch.stack([turn.cos(), turn.sin()], -1)
+    right[0, 5] = 7.0  # an unreachable cell: anything goes
     assert float(model_mod.distance_loss(right, dist, period=3)) == pytest.approx(0.0, abs=1e-6)
-    wrong = right.roll(1, dims=-1)  # every cell scores the next residue: about 30 nats each
-    assert float(model_mod.distance_loss(wrong, dist, period=3)) == pytest.approx(30.0, rel=1e-3)
+    opposite = -right  # every hand half a turn off: a squared distance of 4 per cell
+    opposite[0, 5] = 7.0
+    assert float(model_mod.distance_loss(opposite, dist, period=3)) == pytest.approx(4.0, rel=1e-5)
     m = tiny_maze_model("hrm", R=2, dist_weight=0.5, dist_period=3, label_sets=True)
-    assert m.dist_head.out_features == 3
+    assert m.dist_head.out_features == 2
     pool = data.generate_mazes(5, 4, 3, generator="gen_dfs_percolation", gen_kwargs={"p": 0.3})
     x = torch.from_numpy(data.encode(pool["open"], pool["start"], pool["goal"]))
     y = torch.from_numpy(data.batch_labels(pool["open"], pool["start"], pool["dist"].astype(np.int64)))
     out = m(x, y, grid=(5, 5), dist=data.goal_distance(x, (5, 5)))
-    assert 0.5 < float(out["parts"]["dist"].detach()) < 3.0  # about log 3 from a fresh head
+    assert 0.5 < float(out["parts"]["dist"].detach()) < 2.0  # about 1 (the target's squared length) from a fresh head
     out["parts"]["dist"].backward()
     assert m.dist_head.weight.grad.abs().sum() > 0 and m.blocks[0].mlp[0].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="dist-period"):
-        tiny_maze_model("hrm", R=2, dist_weight=0.5, dist_period=1)
+        tiny_maze_model("hrm", R=2, dist_weight=0.5, dist_period=2)
 
 
 def test_a_users_own_mazes_are_encoded_and_scored_per_item_through_the_public_api(tmp_path):

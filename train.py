@@ -163,7 +163,7 @@ def add_run_flags(p):
     g.add_argument("--dist-weight", type=float, default=0.0, help="mazes: > 0 adds an auxiliary target, each "
                    "cell's BFS distance to the goal read off the answer's state (a Huber loss of this weight)")
     g.add_argument("--dist-period", type=int, default=0, help="with --dist-weight: 0 reads the distance itself, "
-                   "P >= 2 classifies it modulo P (a target of the same range at every maze size)")
+                   "P >= 3 its phase, one turn every P moves (a target of the same range at every maze size)")
     g.add_argument("--dropout", type=float, default=None, help="dropout on the embedded input and on each block's "
                    "attention and MLP outputs")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
@@ -222,8 +222,8 @@ def resolve_args(argv=None):
                     (task_kind(args.task) == "parse" or args.word_dropout == 0, "--word-dropout is for ud_ewt only"),
                     (args.dist_weight >= 0, f"--dist-weight must be >= 0, got {args.dist_weight}"),
                     (task_kind(args.task) == "maze" or args.dist_weight == 0, "--dist-weight is for mazes only"),
-                    (args.dist_period == 0 or args.dist_period >= 2,
-                     f"--dist-period must be 0 or >= 2, got {args.dist_period}"),
+                    (args.dist_period == 0 or args.dist_period >= 3,
+                     f"--dist-period must be 0 or >= 3, got {args.dist_period}"),
                     (args.dist_period == 0 or args.dist_weight > 0, "--dist-period needs --dist-weight > 0"),
                     (task_kind(args.task) != "parse" or args.batching == "fixed" and args.attn == "global",
                      "ud_ewt needs --batching fixed and --attn global (batches differ in length)")]:
