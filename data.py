@@ -297,7 +297,6 @@ def maze_metrics(logits, x, y, per_item=False):
     return out if per_item else {k: nan_mean(v) for k, v in out.items()}
 
 
-
 def accuracy_by_distance(logits, x, y, width):
     """Per-cell accuracy in bands of `width` moves of distance to the goal (goal_distance), over the whole batch:
     [{"from": d, "to": d + width, "cells": n, "cell_acc": a}, ...] for the bands with cells. Where a model trained
@@ -314,6 +313,7 @@ def accuracy_by_distance(logits, x, y, width):
             bands.append({"from": lo, "to": lo + width, "cells": int(cells.sum()),
                           "cell_acc": float(right[cells].mean())})
     return bands
+
 
 # Mazes: generation, caching and the task.
 
