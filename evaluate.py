@@ -149,6 +149,8 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
     same = task_name == own and generator is None
     if generator is not None and not task_name.startswith("maze"):
         raise ValueError("--generator applies to maze tasks only")
+    if by_distance and not task_name.startswith("maze"):
+        raise ValueError("--by-distance applies to maze tasks only")
     n_test = n_test or (config.get("n_test") if same else 1000)  # None: the task's own default, as train.py
     task = data.make_task(task_name, seed=config.get("data_seed", 0), n_train=config.get("n_train") if same else 100,
                           n_val=config.get("n_val") if same else 0, n_test=n_test,
@@ -176,14 +178,9 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
                  "segments_per_item": used.tolist()}
     else:
         scored = train.evaluate(model, task, x, y, segments, n_steps=inner_steps, temperature=temperature,
-                                batch_size=batch_size, device=device, ablate=ablate)
-        per_seg, routing = scored["per_segment"], scored["routing"]
-        if by_distance:  # the last segment's logits: the same run again, never stopping early
-            logits, _ = run_adaptive(model, task, x, inner_steps, temperature, segments, patience=segments,
-                                     batch_size=batch_size, device=device, ablate=ablate)
+                                batch_size=batch_size, device=device, ablate=ablate, keep_logits=bool(by_distance))
+        per_seg, routing, logits = scored["per_segment"], scored["routing"], scored.get("logits")
     if by_distance:
-        if not task_name.startswith("maze"):
-            raise ValueError("--by-distance applies to maze tasks only")
         extra["by_distance"] = data.accuracy_by_distance(logits, x, y, by_distance)
     # the yardstick printed beside the scores: random scores through the same decoder (mazes), or the simple
     # reference that puts hidden values at 0 (sorting, about the best possible tau with half hidden)

@@ -513,7 +513,7 @@ class Carry:
 
 @torch.no_grad()
 def evaluate(model, task, x, y, segments, n_steps=None, temperature=1.0, batch_size=256, device="cpu", amp=None,
-             ablate=None, per_item=False):
+             ablate=None, per_item=False, keep_logits=False):
     """Run `segments` segments over (x, y) and score each one. Returns a dict:
       per_segment  one metric dict per segment, averaged over all items: the task's metrics, the mean inner steps
                    used and, for a routed model, head_min (the share of tokens that keep the least kept head, lowest
@@ -521,12 +521,14 @@ def evaluate(model, task, x, y, segments, n_steps=None, temperature=1.0, batch_s
                    both taken per batch and averaged over the batches;
       routing      the last segment's routing per inner step, {"usage": (R, H), "modal_share": (R,)} as lists,
                    or None when nothing is routed;
-      items        with per_item=True: the last segment's metrics per item, a list per metric, in the order of x.
+      items        with per_item=True: the last segment's metrics per item, a list per metric, in the order of x;
+      logits       with keep_logits=True (a fixed-length task): the last segment's logits (len(x), N, C) on the CPU.
     ablate: one of hrm_controller.ABLATIONS, to score the model with its routing replaced."""
     model.eval()
     items = [dict() for _ in range(segments)]  # per segment, per metric: every item's value
     totals = [dict() for _ in range(segments)]  # per segment: batch-level numbers, weighted by batch size
     usage = modal = None
+    kept = []  # keep_logits: the last segment's logits of each batch
     gen = torch.Generator().manual_seed(0)  # the ablations' random draws: the same on every call
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
@@ -550,6 +552,8 @@ def evaluate(model, task, x, y, segments, n_steps=None, temperature=1.0, batch_s
                     modal = parts["modal_share"].cpu() * w + (modal if modal is not None else 0)
             for k, v in scores.items():
                 totals[s][k] = totals[s].get(k, 0.0) + v * len(xb)
+            if last and keep_logits:
+                kept.append(out["logits"].float().cpu())
     model.train()
     # means over items; a metric an item has no value for (NaN: exact for a maze without a unique path) is left out
     per_segment = [{**item_means(it), **{k: v / len(x) for k, v in t.items()}}
@@ -558,6 +562,8 @@ def evaluate(model, task, x, y, segments, n_steps=None, temperature=1.0, batch_s
               "routing": None if usage is None else {"usage": usage.tolist(), "modal_share": modal.tolist()}}
     if per_item:
         result["items"] = items[-1]
+    if keep_logits:
+        result["logits"] = torch.cat(kept)
     return result
 
 
