@@ -1482,6 +1482,31 @@ def test_init_from_may_change_the_inner_steps_and_add_or_drop_the_distance_head(
     assert "--dist-period needs --dist-weight" in capsys.readouterr().err
 
 
+def test_wave_speed_scores_a_cell_only_once_an_answer_from_the_goal_can_have_reached_it(tmp_path, one_thread,
+                                                                                        capsys):
+    args = train.resolve_args(tiny_run_args(tmp_path, "maze5", "--wave-speed", "1.5", "--batch-size", "6",
+                                            "--segments", "3", "--batching", "rolling"))
+    task = data.make_task("maze5", n_train=60, n_val=0, n_test=0, cache_dir=str(tmp_path / "cache"), progress=False)
+    model, carry = PoHModel(train.model_config(args, task), verbose=False), train.Carry(args, task, torch.Generator())
+    for step in range(4):
+        x, y, state = carry.next(model, step, "cpu")
+        dist, reach = data.goal_distance(x, (5, 5)), 1.5 * 2 * (carry.age + 1)  # R = 2 inner steps per segment
+        masked = carry.reached(y)
+        far = dist > reach[:, None]
+        assert far.any() and (~far & (y != data.IGNORE)).any(), step  # both kinds occur: the test can fail
+        assert (masked[far] == data.IGNORE).all() and torch.equal(masked[~far], y[~far]), step
+        assert torch.equal(carry.y, y)  # the carried labels themselves stay whole
+        carry.advance(state)
+    # off (the default): the labels as they are; and the flag trains end to end
+    plain = train.Carry(train.resolve_args(tiny_run_args(tmp_path, "maze5")), task, torch.Generator())
+    x, y, _ = plain.next(model, 0, "cpu")
+    assert plain.reached(y) is y
+    assert "optimal" in train.main(tiny_run_args(tmp_path, "maze5", "--wave-speed", "2"))
+    with pytest.raises(SystemExit):
+        train.main(tiny_run_args(tmp_path, "sort6", "--wave-speed", "2"))
+    assert "--wave-speed is for mazes only" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("what,poison", [
     ("loss", lambda loss: loss + float("nan")),
     ("gradient", lambda loss: loss + torch.sqrt(loss * 0)),  # value unchanged; d sqrt(u)/du at 0 is inf, times 0

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import GENERATOR, N_TRAIN, TASK_NAMES, goal_distance, make_task, mix_parts, parse_kinds, pool_file
+from data import GENERATOR, IGNORE, N_TRAIN, TASK_NAMES, goal_distance, make_task, mix_parts, parse_kinds, pool_file
 from hrm_controller import anneal, temperature_at
 from model import CONTROLLERS, ModelConfig, PoHModel
 from stats import item_means
@@ -164,6 +164,9 @@ def add_run_flags(p):
                    "cell's BFS distance to the goal read off the answer's state (a Huber loss of this weight)")
     g.add_argument("--dist-period", type=int, default=0, help="with --dist-weight: 0 reads the distance itself, "
                    "P >= 3 its phase, one turn every P moves (a target of the same range at every maze size)")
+    g.add_argument("--wave-speed", type=float, default=0.0, help="mazes: > 0 scores a cell's move only once an "
+                   "answer spreading from the goal at this many cells per inner step could have reached it, so far "
+                   "cells are not pushed to guess early (0: every cell at every segment)")
     g.add_argument("--dropout", type=float, default=None, help="dropout on the embedded input and on each block's "
                    "attention and MLP outputs")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
@@ -225,6 +228,8 @@ def resolve_args(argv=None):
                     (args.dist_period == 0 or args.dist_period >= 3,
                      f"--dist-period must be 0 or >= 3, got {args.dist_period}"),
                     (args.dist_period == 0 or args.dist_weight > 0, "--dist-period needs --dist-weight > 0"),
+                    (args.wave_speed >= 0, f"--wave-speed must be >= 0, got {args.wave_speed}"),
+                    (task_kind(args.task) == "maze" or args.wave_speed == 0, "--wave-speed is for mazes only"),
                     (task_kind(args.task) != "parse" or args.batching == "fixed" and args.attn == "global",
                      "ud_ewt needs --batching fixed and --attn global (batches differ in length)")]:
         if not ok:
@@ -490,7 +495,15 @@ class Carry:
 
     def distances(self, x):
         """The --dist-weight target of the samples x (None without it): derived from x, so never saved."""
-        return goal_distance(x, self.task.grid) if self.args.dist_weight else None
+        return goal_distance(x, self.task.grid) if self.args.dist_weight or self.args.wave_speed else None
+
+    def reached(self, y):
+        """--wave-speed: y with the cells that an answer spreading from the goal at that speed cannot have reached
+        by the end of this segment (age + 1 segments of R inner steps) set to IGNORE, so they get no loss yet."""
+        if not self.args.wave_speed:
+            return y
+        reach = self.args.wave_speed * self.args.R * (self.age[self.lo:self.hi] + 1).to(y.device)  # (B,) cells
+        return torch.where(self.dist > reach[:, None].to(self.dist.dtype), IGNORE, y)
 
     def advance(self, state):
         """After the optimizer step: every slot has run one more segment and carries the state it ended with."""
@@ -726,7 +739,7 @@ def train_step(r, model, x, y, state, amp, any_rank):
     temperature = temperature_at(frac, args.temp_start, args.temp_end, args.temp_floor)
     ew = anneal(args.entropy_weight, 0.0, frac) if args.entropy_anneal else args.entropy_weight
     with amp or nullcontext():  # dist: the carried batch's --dist-weight target (None without it)
-        out = model(x, y, state=state, temperature=temperature, entropy_weight=ew,
+        out = model(x, r.carry.reached(y), state=state, temperature=temperature, entropy_weight=ew,
                     balance_weight=args.balance_weight, grid=r.task.grid, dist=r.carry.dist)
     loss = out["loss"]
     r.optimizer.zero_grad(set_to_none=True)
