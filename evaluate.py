@@ -121,6 +121,8 @@ def get_parser():
                    "(e.g. gen_dfs_percolation, gen_wilson; default: the training data's, gen_dfs)")
     p.add_argument("--gen-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="an argument of --generator, e.g. p=0.1 (loop density of gen_dfs_percolation); repeatable")
+    p.add_argument("--data-seed", type=int, default=None, help="score on the pools of this data seed instead of "
+                   "the run's, e.g. 3 (pools 9-11): mazes for choosing a setting, never the test mazes reported")
     p.add_argument("--by-distance", type=int, default=None, metavar="MOVES",
                    help="mazes: also print the answers' cell accuracy in bands of this many moves from the goal")
     p.add_argument("--plot", default=None, help="mazes: draw reach and optimal against segments into this PNG")
@@ -129,7 +131,8 @@ def get_parser():
 
 
 def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, data_dir=None,
-          batch_size=64, device="cpu", ablate=None, generator=None, gen_kwargs=None, by_distance=None):
+          batch_size=64, device="cpu", ablate=None, generator=None, gen_kwargs=None, by_distance=None,
+          data_seed=None):
     """Returns {"task", "inner_steps", "segments", "temperature", "ablate", "n_test", **final segment metrics,
     "per_segment": [...], "routing": last segment's per-step head usage or None, "chance": {...}}; with
     segments="auto" also "segments_used" (mean), "segments_max", "segment_cap" and "segments_per_item", and
@@ -145,14 +148,16 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
     if train.task_kind(task_name) != train.task_kind(own or task_name):
         raise ValueError(f"{path} was trained on {own}; it cannot be scored on {task_name}")
     # the training and validation pools only serve the overlap check here: the run's own (already cached) for its
-    # own task, so the test items are exactly train.py's; for another size a small training pool and no validation
-    same = task_name == own and generator is None
+    # own task, so the test items are exactly train.py's; for another size or data seed a small training pool and
+    # no validation
+    seed = config.get("data_seed", 0) if data_seed is None else data_seed
+    same = task_name == own and generator is None and seed == config.get("data_seed", 0)
     if generator is not None and not task_name.startswith("maze"):
         raise ValueError("--generator applies to maze tasks only")
     if by_distance and not task_name.startswith("maze"):
         raise ValueError("--by-distance applies to maze tasks only")
     n_test = n_test or (config.get("n_test") if same else 1000)  # None: the task's own default, as train.py
-    task = data.make_task(task_name, seed=config.get("data_seed", 0), n_train=config.get("n_train") if same else 100,
+    task = data.make_task(task_name, seed=seed, n_train=config.get("n_train") if same else 100,
                           n_val=config.get("n_val") if same else 0, n_test=n_test,
                           cache_dir=data_dir or train.run_data_dir(config, path),
                           target=config.get("target", "direction"), progress=False,
@@ -186,7 +191,8 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
     # reference that puts hidden values at 0 (sorting, about the best possible tau with half hidden)
     chance = (task.chance(x, y) if hasattr(task, "chance") else
               task.reference_metrics(x, y, fill="zero") if hasattr(task, "reference_metrics") else None)
-    return {"checkpoint": path, "step": ckpt.get("step"), "task": task_name, "inner_steps": inner_steps,
+    return {"checkpoint": path, "step": ckpt.get("step"), "task": task_name, "data_seed": seed,
+            "inner_steps": inner_steps,
             "generator": (data.generator_name(generator, gen_kwargs) if generator else config.get("mazes", data.GENERATOR))
             if task_name.startswith("maze") else None,
             "segments": segments, "temperature": temperature, "ablate": ablate, "n_test": len(x), **per_seg[-1],
@@ -208,7 +214,7 @@ def main(argv=None):
     try:
         result = score(args.checkpoint, args.task, args.inner_steps, args.segments, args.n_test, args.data_dir,
                        args.batch_size, train.pick_device(args.device), args.ablate_routing, args.generator,
-                       gen_kwargs or None, args.by_distance)
+                       gen_kwargs or None, args.by_distance, args.data_seed)
     except (FileNotFoundError, ValueError) as exc:  # ValueError: also an argument the generator does not take
         raise SystemExit(f"error: {exc}") from None
     print(f"{result['checkpoint']} (step {result['step']}) on {result['task']}"

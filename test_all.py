@@ -981,6 +981,15 @@ def test_evaluate_reproduces_test_json_and_scores_larger_mazes_with_more_steps(m
         evaluate.main([str(tmp_path / "nothing.pt")])
 
 
+def test_evaluate_data_seed_scores_other_pools_than_the_test_set(maze_run):
+    own = evaluate.score(str(maze_run), segments=1)
+    other = evaluate.score(str(maze_run), segments=1, n_test=12, data_seed=3)
+    assert (own["data_seed"], other["data_seed"]) == (0, 3)
+    cache = maze_run.parent / "cache"
+    assert list(cache.glob("maze_g5_n12_seed11_*.npz"))  # seed 3's test pool is 3 * 3 + 2, never seed 0's (2)
+    assert other["per_segment"][0] != own["per_segment"][0]  # other mazes, other scores (cell_acc is continuous)
+
+
 def test_accuracy_by_distance_bands_the_cells_by_their_moves_to_the_goal(maze_run, capsys):
     pool = data.generate_mazes(5, 6, 3)
     x = torch.from_numpy(data.encode(pool["open"], pool["start"], pool["goal"]))
