@@ -1007,6 +1007,18 @@ def test_accuracy_by_distance_bands_the_cells_by_their_moves_to_the_goal(maze_ru
     mean = sum(b["cells"] * b["cell_acc"] for b in bands) / sum(b["cells"] for b in bands)
     assert mean == pytest.approx(result["per_segment"][-1]["cell_acc"], abs=1e-6)
     assert "0-2 moves from the goal: cell_acc" in capsys.readouterr().out
+    # the logits train.evaluate keeps are the last segment's: the model run by hand, segment after segment
+    model, ckpt = train.load_checkpoint(train.checkpoint_file(str(maze_run)))
+    task = data.make_task("maze5", n_train=60, n_val=0, n_test=8, cache_dir=str(maze_run.parent / "cache"),
+                          progress=False)
+    x, y = task.split("test")
+    kept = train.evaluate(model, task, x, y, 3, temperature=1.0, batch_size=5, keep_logits=True)["logits"]
+    state = None
+    with torch.no_grad():
+        for _ in range(3):
+            out = model.eval()(x, state=state, temperature=1.0, grid=task.grid)
+            state = out["state"]
+    torch.testing.assert_close(kept, out["logits"].float(), rtol=1e-4, atol=1e-5)
     with pytest.raises(SystemExit, match="--by-distance must be >= 1"):
         evaluate.main([str(maze_run), "--by-distance", "0"])
 
