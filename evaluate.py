@@ -150,8 +150,9 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
     # the training and validation pools only serve the overlap check here: the run's own (already cached) for its
     # own task, so the test items are exactly train.py's; for another size or data seed a small training pool and
     # no validation
-    seed = config.get("data_seed", 0) if data_seed is None else data_seed
-    same = task_name == own and generator is None and seed == config.get("data_seed", 0)
+    run_seed = config.get("data_seed", 0)
+    seed = run_seed if data_seed is None else data_seed
+    same = task_name == own and generator is None and seed == run_seed
     if generator is not None and not task_name.startswith("maze"):
         raise ValueError("--generator applies to maze tasks only")
     if by_distance and not task_name.startswith("maze"):

@@ -494,7 +494,8 @@ class Carry:
         return self.x, self.y, self.state
 
     def distances(self, x):
-        """The --dist-weight target of the samples x (None without it): derived from x, so never saved."""
+        """Each cell's distance to the goal in the samples x, for --dist-weight (its target) and --wave-speed (its
+        mask); None without either. Derived from x, so never saved."""
         return goal_distance(x, self.task.grid) if self.args.dist_weight or self.args.wave_speed else None
 
     def reached(self, y):
@@ -503,7 +504,7 @@ class Carry:
         if not self.args.wave_speed:
             return y
         reach = self.args.wave_speed * self.args.R * (self.age[self.lo:self.hi] + 1).to(y.device)  # (B,) cells
-        return torch.where(self.dist > reach[:, None].to(self.dist.dtype), IGNORE, y)
+        return torch.where(self.dist > reach[:, None], IGNORE, y)
 
     def advance(self, state):
         """After the optimizer step: every slot has run one more segment and carries the state it ended with."""
@@ -738,7 +739,7 @@ def train_step(r, model, x, y, state, amp, any_rank):
         group["lr"] = group["base_lr"] * lr_at(r.step, args)
     temperature = temperature_at(frac, args.temp_start, args.temp_end, args.temp_floor)
     ew = anneal(args.entropy_weight, 0.0, frac) if args.entropy_anneal else args.entropy_weight
-    with amp or nullcontext():  # dist: the carried batch's --dist-weight target (None without it)
+    with amp or nullcontext():  # dist: the carried batch's distances (the model reads them with --dist-weight)
         out = model(x, r.carry.reached(y), state=state, temperature=temperature, entropy_weight=ew,
                     balance_weight=args.balance_weight, grid=r.task.grid, dist=r.carry.dist)
     loss = out["loss"]
