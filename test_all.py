@@ -1518,11 +1518,15 @@ def test_wave_speed_scores_a_cell_only_once_an_answer_from_the_goal_can_have_rea
         assert (masked[far] == data.IGNORE).all() and torch.equal(masked[~far], y[~far]), step
         assert torch.equal(carry.y, y)  # the carried labels themselves stay whole
         carry.advance(state)
-    # off (the default): the labels as they are; and the flag trains end to end
-    plain = train.Carry(train.resolve_args(tiny_run_args(tmp_path, "maze5")), task, torch.Generator())
+    # off (0): the labels as they are; and the flag trains end to end
+    plain = train.Carry(train.resolve_args(tiny_run_args(tmp_path, "maze5", "--wave-speed", "0")), task,
+                        torch.Generator())
     x, y, _ = plain.next(model, 0, "cpu")
     assert plain.reached(y) is y
     assert "optimal" in train.main(tiny_run_args(tmp_path, "maze5", "--wave-speed", "2"))
+    # the recipes: on for every mazeN (speed 2: two blocks per inner step), off for the first run and other tasks
+    assert [train.resolve_args(["--task", t]).wave_speed for t in ("maze12", "maze24", "maze8", "sort12")] == \
+        [2.0, 2.0, 0.0, 0.0]
     with pytest.raises(SystemExit):
         train.main(tiny_run_args(tmp_path, "sort6", "--wave-speed", "2"))
     assert "--wave-speed is for mazes only" in capsys.readouterr().err
