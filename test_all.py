@@ -2257,9 +2257,10 @@ def test_the_pretrained_maze_model_loads_and_solves_fresh_maze12_mazes_with_and_
         x, y, _ = sample_maze.fresh_mazes(12, 100, seed=0, target="direction", generator=name, gen_kwargs=gen_kwargs)
         scores[name] = train.evaluate(model, task, x, y, ckpt["config"]["segments"],
                                       temperature=train.checkpoint_temperature(ckpt))["per_segment"][-1]["optimal"]
-    # perfect mazes solved; mazes with loops (a density it did not train on): 0.92 here, where the perfect-maze
-    # model scores 0.29 and the first loops fine-tune (no distance target, gradient through 2 inner steps) 0.82
-    assert scores["gen_dfs"] >= 0.99 and scores["gen_dfs_percolation"] >= 0.88, scores
+    # perfect mazes solved; mazes with loops (a density it did not train on): 1.00 here, where a perfect-maze
+    # model scores 0.29, the first loops fine-tune (no distance target, gradient through 2 inner steps) 0.82 and
+    # the previous shipped model (one stage at 4 inner steps x 16 segments) 0.92
+    assert scores["gen_dfs"] >= 0.99 and scores["gen_dfs_percolation"] >= 0.95, scores
     recorded = json.load(open(os.path.join(path, "test.json")))  # its own test set: the training mix
     assert recorded["generator"] == ckpt["config"]["mazes"] and recorded["optimal"] > 0.95
 
