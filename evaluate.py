@@ -26,6 +26,7 @@ import json
 import math
 
 import torch
+from tqdm import tqdm
 
 import data
 import train
@@ -52,12 +53,14 @@ def segment_cap(grid, n_layers, n_steps):
 
 @torch.no_grad()
 def run_adaptive(model, task, x, n_steps, temperature, cap, patience=PATIENCE, batch_size=64, device="cpu",
-                 ablate=None):
+                 ablate=None, progress=False):
     """Segments until each item's answer (answer_keys) has not changed for `patience` segments, or `cap`. Returns
     the logits of each item's answer where it stopped (B, N, C) on the CPU and the segments each used (B,). An item
-    that stops leaves the batch, so the time goes to the mazes still being solved."""
+    that stops leaves the batch, so the time goes to the mazes still being solved. `progress`: a bar of the items
+    that have stopped (a large maze that never settles runs all `cap` segments, which can take minutes)."""
     model.eval()
     answers, used_all = [], []
+    bar = tqdm(total=len(x), desc="items stopped", unit="item", disable=not progress, dynamic_ncols=True)
     gen = torch.Generator().manual_seed(0)  # the ablations' random draws, as in train.evaluate
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size].to(device)
@@ -79,6 +82,8 @@ def run_adaptive(model, task, x, n_steps, temperature, cap, patience=PATIENCE, b
                 calm = torch.where(same, calm + 1, torch.zeros_like(calm))
             stop = (calm >= patience) | (s + 1 == cap)
             final[active[stop]], used[active[stop]] = logits[stop], s + 1
+            bar.update(int(stop.sum()))
+            bar.set_postfix(segment=f"{s + 1}/{cap}", running=int((~stop).sum()), refresh=False)
             keep = ~stop
             active, calm = active[keep], calm[keep]
             previous = [a for a, k in zip(answer, keep.tolist()) if k]
@@ -87,6 +92,7 @@ def run_adaptive(model, task, x, n_steps, temperature, cap, patience=PATIENCE, b
             state = {k: v[keep.to(v.device)] for k, v in out["state"].items()}
         answers.append(final)
         used_all.append(used)
+    bar.close()
     model.train()
     return torch.cat(answers), torch.cat(used_all)
 
@@ -127,12 +133,13 @@ def get_parser():
                    help="mazes: also print the answers' cell accuracy in bands of this many moves from the goal")
     p.add_argument("--plot", default=None, help="mazes: draw reach and optimal against segments into this PNG")
     p.add_argument("--out", default=None, help="write the result here as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar for --segments auto")
     return p
 
 
 def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, data_dir=None,
           batch_size=64, device="cpu", ablate=None, generator=None, gen_kwargs=None, by_distance=None,
-          data_seed=None):
+          data_seed=None, progress=False):
     """Returns {"task", "inner_steps", "segments", "temperature", "ablate", "n_test", **final segment metrics,
     "per_segment": [...], "routing": last segment's per-step head usage or None, "chance": {...}}; with
     segments="auto" also "segments_used" (mean), "segments_max", "segment_cap" and "segments_per_item", and
@@ -178,7 +185,7 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
     if segments == "auto":
         cap = segment_cap(task.grid, model.cfg.n_layers, inner_steps)
         logits, used = run_adaptive(model, task, x, inner_steps, temperature, cap, batch_size=batch_size,
-                                    device=device, ablate=ablate)
+                                    device=device, ablate=ablate, progress=progress)
         per_seg, routing = [task.metrics(logits, x, y)], None
         extra = {"segments_used": used.float().mean().item(), "segments_max": int(used.max()), "segment_cap": cap,
                  "segments_per_item": used.tolist()}
@@ -215,7 +222,8 @@ def main(argv=None):
     try:
         result = score(args.checkpoint, args.task, args.inner_steps, args.segments, args.n_test, args.data_dir,
                        args.batch_size, train.pick_device(args.device), args.ablate_routing, args.generator,
-                       gen_kwargs or None, args.by_distance, args.data_seed)
+                       gen_kwargs or None, args.by_distance, args.data_seed,
+                       progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as exc:  # ValueError: also an argument the generator does not take
         raise SystemExit(f"error: {exc}") from None
     print(f"{result['checkpoint']} (step {result['step']}) on {result['task']}"

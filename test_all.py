@@ -1956,6 +1956,11 @@ def test_segments_auto_stops_a_stable_answer_and_runs_a_changing_one_to_the_cap(
     assert used.tolist() == [3, 10, 3]
     assert (logits[0].argmax(-1) == 1).all() and (logits[1].argmax(-1) == 9 % 5).all()  # answers where they stopped
     assert model.batch_sizes == [3, 3, 3] + [1] * 7  # stopped items leave the batch
+    # the progress bar counts stopped items and changes nothing
+    again = evaluate.run_adaptive(StableOrRestless(), task, x, n_steps=1, temperature=1.0, cap=10, patience=2,
+                                  progress=True)
+    assert torch.equal(again[0], logits) and torch.equal(again[1], used)
+    assert "items stopped" in (err := capsys.readouterr().err) and "3/3" in err
     assert evaluate.segment_cap((12, 12), 2, 8) == 18 and evaluate.segment_cap((3, 3), 2, 8) == 8
     # through the command line, on a real (tiny) run: segments used are reported and within the cap
     result = evaluate.main([str(maze_run), "--segments", "auto", "--n-test", "12"])
