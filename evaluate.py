@@ -60,7 +60,8 @@ def run_adaptive(model, task, x, n_steps, temperature, cap, patience=PATIENCE, b
     that have stopped (a large maze that never settles runs all `cap` segments, which can take minutes)."""
     model.eval()
     answers, used_all = [], []
-    bar = tqdm(total=len(x), desc="items stopped", unit="item", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(x), desc="items stopped", unit="item", disable=not progress, dynamic_ncols=True,
+               miniters=0, mininterval=1.0)
     gen = torch.Generator().manual_seed(0)  # the ablations' random draws, as in train.evaluate
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size].to(device)
@@ -82,8 +83,8 @@ def run_adaptive(model, task, x, n_steps, temperature, cap, patience=PATIENCE, b
                 calm = torch.where(same, calm + 1, torch.zeros_like(calm))
             stop = (calm >= patience) | (s + 1 == cap)
             final[active[stop]], used[active[stop]] = logits[stop], s + 1
-            bar.update(int(stop.sum()))
             bar.set_postfix(segment=f"{s + 1}/{cap}", running=int((~stop).sum()), refresh=False)
+            bar.update(int(stop.sum()))  # redraws at most once a second, also when no item stopped (miniters=0)
             keep = ~stop
             active, calm = active[keep], calm[keep]
             previous = [a for a, k in zip(answer, keep.tolist()) if k]
