@@ -3,6 +3,7 @@ Benchmarks of the model and the training step on this machine: prints a table an
 
     python bench.py                      # throughput, memory against R, FLOP/s (a few minutes on a 2-core CPU)
     python bench.py --quick 600          # also: train the default maze12 recipe for 600 s, report held-out optimal
+    python bench.py --compile            # also: the training step under torch.compile (minutes to compile on CPU)
     python bench.py --device cuda --out bench-gpu.json
     python bench.py --task maze4 --batch-size 4 --R 2 4 --attn-sizes 4:4 6:2 --eval-mazes 8   # seconds (tests)
 
@@ -12,7 +13,8 @@ Benchmarks of the model and the training step on this machine: prints a table an
 3. Achieved FLOP/s of a training step against a matmul peak measured in the same run. FLOPs are counted by hand
    for the matmuls of the transformer (weights and attention): 2 per multiply-add forward, twice that backward,
    inner steps without gradient counted forward only; attention counts only the keys a query may see (5 with
-   local/open attention). Controller, norms and softmax are left out (small).
+   local/open attention). Controller, norms and softmax are left out (small). With --compile, the same step of a
+   torch.compile'd model too (its compile time apart), after checking that it gives the eager loss and gradients.
 4. Neighbour attention, dense masked vs gathered: training step time of the default maze model at several sizes
    (--attn-sizes N:BATCH, default maze12 batch 64, maze24 batch 16, maze48 batch 4).
 5. Evaluation throughput: real mazes per second through train.evaluate (the recipe's segments, the rollout
@@ -94,6 +96,28 @@ def step_flops(cfg, B, N):
     return B * N * per_token * (cfg.R + 2 * grad_steps)
 
 
+def compiled_step(task, device, batch_size, backend):
+    """The hrm training step under torch.compile: seconds to compile (the first call and step), seconds per step
+    after, and the largest difference from the eager model's loss and gradients on the same weights and batch (it
+    must compute the same thing for its speed to count)."""
+    model, args = make_model(task, "hrm", device)
+    x, y, grid = fake_batch(model, args, task, device, batch_size)
+    compiled = torch.compile(model, backend=backend)  # shares model's parameters
+
+    def loss_and_grads(m):
+        model.zero_grad(set_to_none=True)
+        loss = m(x, y, grid=grid)["loss"]
+        loss.backward()
+        return [loss.detach()] + [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+    eager = loss_and_grads(model)
+    t0 = time.perf_counter()
+    diff = max((a - b).abs().max().item() for a, b in zip(eager, loss_and_grads(compiled)))  # compiles
+    time_steps(compiled, x, y, grid, device, n_steps=1, warmup=0)
+    return {"backend": backend, "compile_seconds": time.perf_counter() - t0, "max_abs_diff": diff,
+            "step_seconds": time_steps(compiled, x, y, grid, device)}
+
+
 def matmul_peak(device, n=2048, reps=10):
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
@@ -141,6 +165,8 @@ def main(argv=None):
                    help="maze sizes and batches (N:BATCH) for the dense vs gathered attention table")
     p.add_argument("--eval-mazes", type=int, default=256, help="fresh mazes for the evaluation throughput")
     p.add_argument("--quick", type=float, default=0.0, help="also train the task's recipe for this many seconds")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="also time the hrm step under torch.compile (BACKEND, default inductor)")
     p.add_argument("--out", default="bench.json", help="JSON results")
     p.add_argument("--probe", nargs=2, metavar=("R", "GRAD"), help=argparse.SUPPRESS)  # internal: memory probe
     a = p.parse_args(argv)
@@ -186,6 +212,14 @@ def main(argv=None):
     results["flops"] = {"matmul_peak": peak, "step_flops": flops, "achieved": achieved, "fraction": achieved / peak}
     print(f"  matmul peak {peak / 1e9:.1f} GFLOP/s; step {flops / 1e9:.1f} GFLOP; achieved {achieved / 1e9:.1f} "
           f"GFLOP/s ({100 * achieved / peak:.0f}% of peak)")
+    if a.compile:
+        c = compiled_step(a.task, device, a.batch_size, a.compile)
+        c["achieved"] = flops / c["step_seconds"]
+        c["fraction"] = c["achieved"] / peak
+        results["flops"]["compiled"] = c
+        print(f"  torch.compile ({c['backend']}, {c['compile_seconds']:.0f} s to compile; loss and gradients within "
+              f"{c['max_abs_diff']:.1e} of eager): {c['step_seconds']:.3f} s/step, achieved "
+              f"{c['achieved'] / 1e9:.1f} GFLOP/s ({100 * c['fraction']:.0f}% of peak)")
 
     if task_kind(a.task) == "maze":
         print("4. neighbour attention, dense masked vs gathered: training step of the default maze model (hrm)")

@@ -855,10 +855,10 @@ def test_recipe_controllers_are_matched_within_5_percent_in_parameters(task):
 
 
 def test_bench_main_writes_its_table_as_json_with_flat_tbptt_memory(tmp_path):
-    # the whole benchmark on a tiny maze shape: every section present, tbptt flat in R, bptt growing
+    # the whole benchmark on a tiny maze shape: every section present (with --compile), tbptt flat in R, bptt growing
     out = tmp_path / "bench.json"
     results = bench.main(["--task", "maze4", "--device", "cpu", "--batch-size", "4", "--R", "2", "4", "--out", str(out),
-                          "--attn-sizes", "4:4", "6:2", "--eval-mazes", "8"])
+                          "--attn-sizes", "4:4", "6:2", "--eval-mazes", "8", "--compile", "aot_eager"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     assert set(results["step_seconds"]) == {"none", "hrm", "poh"} and min(results["step_seconds"].values()) > 0
     assert results["hrm_over_none"] == pytest.approx(results["step_seconds"]["hrm"] / results["step_seconds"]["none"])
@@ -870,6 +870,10 @@ def test_bench_main_writes_its_table_as_json_with_flat_tbptt_memory(tmp_path):
     flops = results["flops"]
     assert flops["step_flops"] == bench.step_flops(bench.make_model("maze4", "hrm", torch.device("cpu"))[0].cfg, 4, 16)
     assert 0 < flops["fraction"] == pytest.approx(flops["achieved"] / flops["matmul_peak"])
+    # the compiled step (aot_eager here: traced like inductor, no C++ to build) computes the eager loss and gradients
+    c = flops["compiled"]
+    assert c["backend"] == "aot_eager" and c["max_abs_diff"] < 1e-5 and c["compile_seconds"] > 0
+    assert c["fraction"] == pytest.approx(flops["step_flops"] / c["step_seconds"] / flops["matmul_peak"])
     assert [(r["task"], r["batch"]) for r in results["attention"]] == [("maze4", 4), ("maze6", 2)]
     assert all(r["dense"] > 0 and r["gather"] > 0 and r["speedup"] == pytest.approx(r["dense"] / r["gather"])
                for r in results["attention"])
