@@ -132,10 +132,6 @@ def get_parser():
                    "the run's, e.g. 3 (pools 9-11): mazes for choosing a setting, never the test mazes reported")
     p.add_argument("--by-distance", type=int, default=None, metavar="MOVES",
                    help="mazes: also print the answers' cell accuracy in bands of this many moves from the goal")
-    p.add_argument("--after-other", type=int, default=None, metavar="S",
-                   help="mazes, fixed --segments: start each maze from the state the model ends with after S "
-                        "segments on another maze of the pool (the pool shifted by one), not from the initial state: "
-                        "can the model overwrite a settled answer, as the far cells of a large maze need?")
     p.add_argument("--plot", default=None, help="mazes: draw reach and optimal against segments into this PNG")
     p.add_argument("--out", default=None, help="write the result here as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar for --segments auto")
@@ -144,13 +140,12 @@ def get_parser():
 
 def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, data_dir=None,
           batch_size=64, device="cpu", ablate=None, generator=None, gen_kwargs=None, by_distance=None,
-          data_seed=None, progress=False, after_other=None):
+          data_seed=None, progress=False):
     """Returns {"task", "inner_steps", "segments", "temperature", "ablate", "n_test", **final segment metrics,
     "per_segment": [...], "routing": last segment's per-step head usage or None, "chance": {...}}; with
     segments="auto" also "segments_used" (mean), "segments_max", "segment_cap" and "segments_per_item", and
     per_segment holds the one set of metrics of the answers where each item stopped; with by_distance (mazes) also
-    "by_distance", data.accuracy_by_distance of the answers (the last segment's, or where each item stopped);
-    with after_other S (fixed segments) each maze starts from the state S segments on the previous maze leave."""
+    "by_distance", data.accuracy_by_distance of the answers (the last segment's, or where each item stopped)."""
     path = train.checkpoint_file(path)
     model, ckpt = train.load_checkpoint(path, device)
     config = ckpt.get("config") or {}
@@ -170,8 +165,6 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
         raise ValueError("--generator applies to maze tasks only")
     if by_distance and not task_name.startswith("maze"):
         raise ValueError("--by-distance applies to maze tasks only")
-    if after_other and (not task_name.startswith("maze") or segments == "auto"):
-        raise ValueError("--after-other applies to maze tasks with a fixed --segments only")
     n_test = n_test or (config.get("n_test") if same else 1000)  # None: the task's own default, as train.py
     task = data.make_task(task_name, seed=seed, n_train=config.get("n_train") if same else 100,
                           n_val=config.get("n_val") if same else 0, n_test=n_test,
@@ -199,8 +192,7 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
                  "segments_per_item": used.tolist()}
     else:
         scored = train.evaluate(model, task, x, y, segments, n_steps=inner_steps, temperature=temperature,
-                                batch_size=batch_size, device=device, ablate=ablate, keep_logits=bool(by_distance),
-                                prime=(x.roll(1, 0), after_other) if after_other else None)
+                                batch_size=batch_size, device=device, ablate=ablate, keep_logits=bool(by_distance))
         per_seg, routing, logits = scored["per_segment"], scored["routing"], scored.get("logits")
     if by_distance:
         extra["by_distance"] = data.accuracy_by_distance(logits, x, y, by_distance)
@@ -212,8 +204,7 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
             "inner_steps": inner_steps,
             "generator": (data.generator_name(generator, gen_kwargs) if generator else config.get("mazes", data.GENERATOR))
             if task_name.startswith("maze") else None,
-            "segments": segments, "after_other": after_other, "temperature": temperature, "ablate": ablate,
-            "n_test": len(x), **per_seg[-1],
+            "segments": segments, "temperature": temperature, "ablate": ablate, "n_test": len(x), **per_seg[-1],
             "per_segment": per_seg, "routing": routing, "chance": chance, **extra}
 
 
@@ -222,7 +213,7 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     args.segments = parse_segments(args.segments)
     for flag, value in (("--inner-steps", args.inner_steps), ("--n-test", args.n_test),
-                        ("--by-distance", args.by_distance), ("--after-other", args.after_other)):
+                        ("--by-distance", args.by_distance)):
         if value is not None and value < 1:
             raise SystemExit(f"error: {flag} must be >= 1, got {value}")
     try:
@@ -233,14 +224,13 @@ def main(argv=None):
         result = score(args.checkpoint, args.task, args.inner_steps, args.segments, args.n_test, args.data_dir,
                        args.batch_size, train.pick_device(args.device), args.ablate_routing, args.generator,
                        gen_kwargs or None, args.by_distance, args.data_seed,
-                       progress=not args.no_progress, after_other=args.after_other)
+                       progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as exc:  # ValueError: also an argument the generator does not take
         raise SystemExit(f"error: {exc}") from None
     print(f"{result['checkpoint']} (step {result['step']}) on {result['task']}"
           + (f" ({result['generator']})" if result["generator"] else "") + f": {result['n_test']} test items, "
           f"{result['segments']} segments x {result['inner_steps']} inner steps, temperature "
-          f"{result['temperature']:.3f}" + (f", routing ablated: {args.ablate_routing}" if args.ablate_routing else "")
-          + (f", each maze after {args.after_other} segments on another" if args.after_other else ""))
+          f"{result['temperature']:.3f}" + (f", routing ablated: {args.ablate_routing}" if args.ablate_routing else ""))
     if result["segments"] == "auto":
         print(f"  segments used: mean {result['segments_used']:.2f}, max {result['segments_max']} "
               f"(cap {result['segment_cap']}, an item stops when its answer (a maze: its path) is unchanged for "

@@ -1027,36 +1027,6 @@ def test_accuracy_by_distance_bands_the_cells_by_their_moves_to_the_goal(maze_ru
         evaluate.main([str(maze_run), "--by-distance", "0"])
 
 
-def test_evaluate_after_other_starts_each_maze_from_the_state_another_maze_left(maze_run, monkeypatch, capsys):
-    # by hand: 2 segments on the pool shifted by one, then 2 on the pool itself, carrying the state throughout
-    model, ckpt = train.load_checkpoint(train.checkpoint_file(str(maze_run)))
-    task = data.make_task("maze5", n_train=60, n_val=0, n_test=8, cache_dir=str(maze_run.parent / "cache"),
-                          progress=False)
-    x, y = task.split("test")
-    kept = train.evaluate(model, task, x, y, 2, temperature=1.0, batch_size=5, keep_logits=True,
-                          prime=(x.roll(1, 0), 2))["logits"]
-    state = None
-    with torch.no_grad():
-        for inputs in (x.roll(1, 0), x.roll(1, 0), x, x):
-            out = model.eval()(inputs, state=state, temperature=1.0, grid=task.grid)
-            state = out["state"]
-    torch.testing.assert_close(kept, out["logits"].float(), rtol=1e-4, atol=1e-5)
-    fresh = train.evaluate(model, task, x, y, 2, temperature=1.0, keep_logits=True)["logits"]
-    assert not torch.allclose(kept, fresh, atol=1e-3)  # the other maze's state changed the answer
-    # evaluate.py: the flag reaches the scoring, is recorded, and refuses auto and bad counts
-    plain = evaluate.score(str(maze_run), segments=2, n_test=8)
-    primes, real = [], train.evaluate
-    monkeypatch.setattr(train, "evaluate", lambda *a, **kw: primes.append((a[2], kw["prime"])) or real(*a, **kw))
-    other = evaluate.main([str(maze_run), "--segments", "2", "--n-test", "8", "--after-other", "2"])
-    (scored, (before, count)), = primes
-    assert count == 2 and torch.equal(before, scored.roll(1, 0)) and len(scored) == 8
-    assert other["after_other"] == 2 and plain["after_other"] is None
-    assert "each maze after 2 segments on another" in capsys.readouterr().out
-    for argv, message in [(["--segments", "auto"], "fixed --segments only"), (["--after-other", "0"], "must be >= 1")]:
-        with pytest.raises(SystemExit, match=message):
-            evaluate.main([str(maze_run), "--after-other", "2", *argv])
-
-
 def test_evaluate_from_another_folder_uses_the_runs_cache_and_writes_no_new_pool(maze_run, tmp_path, monkeypatch,
                                                                                   capsys):
     cache = maze_run.parent / "cache"
@@ -1564,47 +1534,6 @@ def test_wave_speed_scores_a_cell_only_once_an_answer_from_the_goal_can_have_rea
     with pytest.raises(SystemExit):
         train.main(tiny_run_args(tmp_path, "sort6", "--wave-speed", "2"))
     assert "--wave-speed is for mazes only" in capsys.readouterr().err
-
-def test_stale_start_begins_that_share_of_new_samples_from_the_state_their_slot_carried(tmp_path, one_thread,
-                                                                                       capsys):
-    task = data.make_task("maze5", n_train=60, n_val=0, n_test=0, cache_dir=str(tmp_path / "cache"), progress=False)
-
-    def starts(share):
-        """Per step from the second on: the new samples' start states, the carried and the initial states."""
-        args = train.resolve_args(tiny_run_args(tmp_path, "maze5", "--stale-start", str(share), "--batch-size", "8",
-                                                "--segments", "2", "--batching", "rolling"))
-        torch.manual_seed(0)
-        model = PoHModel(train.model_config(args, task), verbose=False)
-        carry, seen = train.Carry(args, task, torch.Generator().manual_seed(0)), []
-        for step in range(6):
-            before = None if carry.state is None else {k: v.clone() for k, v in carry.state.items()}
-            x, _, state = carry.next(model, step, "cpu")
-            if before is not None:
-                new = carry.age == 0
-                seen.append((x[new], state["h"][new], before["h"][new], model.init_state(x[new])["h"]))
-            out = model(x, state=state, grid=(5, 5))
-            carry.advance({k: v + 1.0 for k, v in out["state"].items()})  # +1: a state unlike the initial one
-        return seen
-
-    # 1: every new sample starts where its slot's last sample ended; 0: every one from the initial state
-    for x, h, carried, fresh in starts(1.0):
-        assert len(x) and torch.equal(h, carried) and not torch.allclose(h, fresh)
-    for x, h, carried, fresh in starts(0.0):
-        assert torch.equal(h, fresh) and not torch.allclose(h, carried)
-    # 0.5: a mix over the run, each sample one or the other; the same samples arrive as without the flag
-    half, none = starts(0.5), starts(0.0)
-    kinds = torch.cat([(h == carried).flatten(1).all(1) for _, h, carried, _ in half])
-    assert kinds.any() and not kinds.all()
-    for (x, h, carried, fresh), (x0, *_) in zip(half, none):
-        assert torch.equal(x, x0)
-        assert ((h == carried).flatten(1).all(1) | (h == fresh).flatten(1).all(1)).all()
-    for flags, msg in [(["--stale-start", "1.5"], "--stale-start must be in [0, 1]"),
-                       (["--task", "sort6", "--stale-start", "0.5"], "--stale-start is for mazes only")]:
-        with pytest.raises(SystemExit):
-            train.main(tiny_run_args(tmp_path, "maze5", *flags))
-        assert msg in capsys.readouterr().err
-    assert "optimal" in train.main(tiny_run_args(tmp_path, "maze5", "--stale-start", "0.5"))
-
 
 
 @pytest.mark.parametrize("what,poison", [

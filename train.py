@@ -170,9 +170,6 @@ def add_run_flags(p):
     g.add_argument("--wave-speed", type=float, default=None, help="mazes: > 0 scores a cell's move only once an "
                    "answer spreading from the goal at this many cells per inner step could have reached it, so far "
                    "cells are not pushed to guess early (0: every cell at every segment; default: the task's)")
-    g.add_argument("--stale-start", type=float, default=0.0, help="mazes: this share of new samples starts from the "
-                   "state its slot carried (another maze's settled answer) instead of the initial state, so the model "
-                   "learns to overwrite settled cells, as far cells of a large maze must when the answer arrives late")
     g.add_argument("--dropout", type=float, default=None, help="dropout on the embedded input and on each block's "
                    "attention and MLP outputs")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
@@ -236,8 +233,6 @@ def resolve_args(argv=None):
                     (args.dist_period == 0 or args.dist_weight > 0, "--dist-period needs --dist-weight > 0"),
                     (args.wave_speed >= 0, f"--wave-speed must be >= 0, got {args.wave_speed}"),
                     (task_kind(args.task) == "maze" or args.wave_speed == 0, "--wave-speed is for mazes only"),
-                    (0 <= args.stale_start <= 1, f"--stale-start must be in [0, 1], got {args.stale_start}"),
-                    (task_kind(args.task) == "maze" or args.stale_start == 0, "--stale-start is for mazes only"),
                     (task_kind(args.task) != "parse" or args.batching == "fixed" and args.attn == "global",
                      "ud_ewt needs --batching fixed and --attn global (batches differ in length)")]:
         if not ok:
@@ -480,7 +475,7 @@ class Carry:
     @torch.no_grad()
     def next(self, model, step, device):
         """(x, y, state) for this step; slots that have run all their segments get new samples first, drawn from
-        gen for the whole global batch (every process draws the same), each with its start_state."""
+        gen for the whole global batch (every process draws the same) and each with the model's initial state."""
         B, S = self.args.batch_size, self.args.segments
         first = self.age is None
         done = torch.arange(B) if first else (self.age >= S).nonzero().squeeze(1)
@@ -488,7 +483,7 @@ class Carry:
             x, y = self.task.train_batch(len(done), self.gen, **curriculum_at(step, self.args, self.task))
             mine = (done >= self.lo) & (done < self.hi)
             x, y, rows = x[mine].to(device), y[mine].to(device), done[mine] - self.lo
-            fresh, dist = self.start_state(model, x, rows, step), self.distances(x)
+            fresh, dist = model.init_state(x), self.distances(x)
             if first or len(done) == B:  # a whole new batch, whose length may differ (variable-length tasks)
                 self.x, self.y, self.state, self.dist = x, y, fresh, dist
                 rolling = self.args.batching == "rolling"
@@ -500,21 +495,6 @@ class Carry:
                 if dist is not None:
                     self.dist[rows] = dist
         return self.x, self.y, self.state
-
-    def start_state(self, model, x, rows, step):
-        """The state new samples x start from in the slots rows: the model's initial state, or with --stale-start
-        P, for a share P of them the state the slot carries from its last sample (its settled answer to another
-        maze). A model trained only on fresh starts learns to fill empty cells once; on a large maze far cells settle
-        on a guess before the answer from the goal reaches them, and that model cannot overwrite them
-        (docs/experiments.md). The draws come from a generator seeded by (seed, step), so the data order is the
-        same with and without the flag, and a resumed run draws what it would have."""
-        fresh = model.init_state(x)
-        if not self.args.stale_start or self.state is None or self.state["h"].shape[1:] != fresh["h"].shape[1:]:
-            return fresh
-        g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + step)
-        stale = (torch.rand(len(rows), generator=g) < self.args.stale_start).to(x.device)
-        return {k: torch.where(stale.view(-1, *[1] * (v.dim() - 1)), self.state[k][rows.to(v.device)], v)
-                for k, v in fresh.items()}
 
     def distances(self, x):
         """Each cell's distance to the goal in the samples x, for --dist-weight (its target) and --wave-speed (its
@@ -550,7 +530,7 @@ class Carry:
 
 @torch.no_grad()
 def evaluate(model, task, x, y, segments, n_steps=None, temperature=1.0, batch_size=256, device="cpu", amp=None,
-             ablate=None, per_item=False, keep_logits=False, prime=None):
+             ablate=None, per_item=False, keep_logits=False):
     """Run `segments` segments over (x, y) and score each one. Returns a dict:
       per_segment  one metric dict per segment, averaged over all items: the task's metrics, the mean inner steps
                    used and, for a routed model, head_min (the share of tokens that keep the least kept head, lowest
@@ -560,9 +540,7 @@ def evaluate(model, task, x, y, segments, n_steps=None, temperature=1.0, batch_s
                    or None when nothing is routed;
       items        with per_item=True: the last segment's metrics per item, a list per metric, in the order of x;
       logits       with keep_logits=True (a fixed-length task): the last segment's logits (len(x), N, C) on the CPU.
-    ablate: one of hrm_controller.ABLATIONS, to score the model with its routing replaced; prime (x_other, S): each
-    batch starts from the state the model ends with after S segments on the same rows of x_other (x's shape), not
-    from the initial state (evaluate.py --after-other)."""
+    ablate: one of hrm_controller.ABLATIONS, to score the model with its routing replaced."""
     model.eval()
     items = [dict() for _ in range(segments)]  # per segment, per metric: every item's value
     totals = [dict() for _ in range(segments)]  # per segment: batch-level numbers, weighted by batch size
@@ -574,9 +552,6 @@ def evaluate(model, task, x, y, segments, n_steps=None, temperature=1.0, batch_s
         xb, yb = (task.trim(xb, yb) if hasattr(task, "trim") else (xb, yb))  # variable length: no padding beyond the batch
         xb, yb = xb.to(device), yb.to(device)
         state = None
-        for _ in range(prime[1] if prime else 0):
-            state = model(prime[0][i:i + batch_size].to(device), state=state, temperature=temperature,
-                          grid=task.grid, n_steps=n_steps, ablate=ablate, ablate_gen=gen)["state"]
         for s in range(segments):
             with amp or nullcontext():
                 out = model(xb, state=state, temperature=temperature, grid=task.grid, n_steps=n_steps,
