@@ -67,8 +67,6 @@ class ModelConfig:
     dist_weight: float = 0.0  # > 0 builds a head that reads each cell's distance to the goal (mazes) off the same
     # state as the answer, trained by a Huber loss of this weight: an auxiliary target, see distance_loss
     dist_period: int = 0  # 0: the head predicts the distance; P >= 3: its phase, one turn every P moves
-    dist_adversary: bool = False  # with dist_weight: the head's gradient reaches the state reversed, so the state is
-    # pushed to hide the distance from a linear read while the head keeps trying (a probe: see reverse_gradient)
     dropout: float = 0.0  # dropout on the embedded input and on each block's attention and MLP outputs (training)
     label_sets: bool = False  # labels are bitmasks of the right classes (mazes: every equally short move is right)
     output: str = "classes"  # "classes" (one class per token) or "biaffine" (a head and a relation per word: parsing)
@@ -141,22 +139,6 @@ def token_loss(logits, y, label_smoothing=0.0, label_sets=False):
 
 
 DIST_SCALE = 10.0  # the distance head predicts moves / DIST_SCALE: values of a few units at 12x12
-
-
-class ReverseGradient(torch.autograd.Function):
-    """The identity forward; the gradient negated backward (Ganin & Lempitsky's gradient reversal)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return -grad
-
-
-def reverse_gradient(x):
-    return ReverseGradient.apply(x)
 
 
 def distance_loss(pred, dist, period=0):
@@ -328,7 +310,7 @@ class PoHModel(nn.Module):
                               else parse_loss(logits, y))
                     task_terms.append(loss_t.mean())
                 if scored and self.dist_head is not None and dist is not None:  # the auxiliary target
-                    pred = self.dist_head(reverse_gradient(out) if cfg.dist_adversary else out).float()
+                    pred = self.dist_head(out).float()
                     dist_terms.append(distance_loss(pred if cfg.dist_period else pred.squeeze(-1), dist,
                                                     cfg.dist_period))
             if trace:

@@ -2321,24 +2321,3 @@ def test_a_mix_of_maze_kinds_trains_and_evaluates_on_the_same_mix(tmp_path, caps
     assert result["optimal"] == pytest.approx(test["optimal"])  # the same 20 test mazes as train.py scored
     with pytest.raises(SystemExit):
         train.main(tiny_run_args(tmp_path / "b", "maze5", "--mazes", "gen_dfs:p"))
-
-
-def test_the_adversarial_distance_head_learns_the_distance_and_pushes_the_model_away_from_it(tmp_path, capsys):
-    # --dist-adversary: the same loss and the same gradient on the head; the gradient into the model negated
-    plain = tiny_maze_model("hrm", R=2, dist_weight=0.5, label_sets=True)
-    adv = tiny_maze_model("hrm", R=2, dist_weight=0.5, label_sets=True, dist_adversary=True)  # the same weights
-    pool = data.generate_mazes(5, 4, 3, generator="gen_dfs_percolation", gen_kwargs={"p": 0.3})
-    x = torch.from_numpy(data.encode(pool["open"], pool["start"], pool["goal"]))
-    y = torch.from_numpy(data.batch_labels(pool["open"], pool["start"], pool["dist"].astype(np.int64)))
-    dist = data.goal_distance(x, (5, 5))
-    outs = [m(x, y, grid=(5, 5), dist=dist) for m in (plain, adv)]
-    torch.testing.assert_close(outs[1]["loss"], outs[0]["loss"])
-    for out in outs:
-        out["parts"]["dist"].backward()
-    torch.testing.assert_close(adv.dist_head.weight.grad, plain.dist_head.weight.grad)
-    g_plain, g_adv = plain.blocks[0].mlp[0].weight.grad, adv.blocks[0].mlp[0].weight.grad
-    assert g_plain.abs().sum() > 0
-    torch.testing.assert_close(g_adv, -g_plain)
-    with pytest.raises(SystemExit):
-        train.main(tiny_run_args(tmp_path, "maze5", "--dist-adversary"))
-    assert "--dist-adversary needs --dist-weight" in capsys.readouterr().err

@@ -167,8 +167,6 @@ def add_run_flags(p):
                    "cell's BFS distance to the goal read off the answer's state (a Huber loss of this weight)")
     g.add_argument("--dist-period", type=int, default=0, help="with --dist-weight: 0 reads the distance itself, "
                    "P >= 3 its phase, one turn every P moves (a target of the same range at every maze size)")
-    g.add_argument("--dist-adversary", action="store_true", help="with --dist-weight: reverse the distance head's "
-                   "gradient into the model, which is then pushed to hide each cell's distance from a linear read")
     g.add_argument("--wave-speed", type=float, default=None, help="mazes: > 0 scores a cell's move only once an "
                    "answer spreading from the goal at this many cells per inner step could have reached it, so far "
                    "cells are not pushed to guess early (0: every cell at every segment; default: the task's)")
@@ -233,7 +231,6 @@ def resolve_args(argv=None):
                     (args.dist_period == 0 or args.dist_period >= 3,
                      f"--dist-period must be 0 or >= 3, got {args.dist_period}"),
                     (args.dist_period == 0 or args.dist_weight > 0, "--dist-period needs --dist-weight > 0"),
-                    (not args.dist_adversary or args.dist_weight > 0, "--dist-adversary needs --dist-weight > 0"),
                     (args.wave_speed >= 0, f"--wave-speed must be >= 0, got {args.wave_speed}"),
                     (task_kind(args.task) == "maze" or args.wave_speed == 0, "--wave-speed is for mazes only"),
                     (task_kind(args.task) != "parse" or args.batching == "fixed" and args.attn == "global",
@@ -256,7 +253,6 @@ def model_config(args, task):
         reset_controller=args.reset_controller, grad=args.grad, grad_steps=args.grad_steps, supervise=args.supervise,
         ponder_weight=args.ponder_weight, ponder_prior=args.ponder_prior, label_smoothing=args.label_smoothing,
         dropout=args.dropout, dist_weight=args.dist_weight, dist_period=args.dist_period,
-        dist_adversary=args.dist_adversary,
         label_sets=task_kind(args.task) == "maze",  # maze labels are bitmasks: every shortest move is right
         **(dict(output="biaffine", pad_token=0, feature_vocab=task.feature_vocab)
            if task_kind(args.task) == "parse" else {}))
@@ -657,7 +653,7 @@ def build(args, device, rank, world):
 # model fields --init-from may change: how the same weights are run and trained (inner steps, gradient, loss),
 # not which weights there are (the distance head is the one exception: see init_weights)
 TUNABLE = ("R", "grad", "grad_steps", "supervise", "label_smoothing", "dropout", "dist_weight", "dist_period",
-           "dist_adversary", "attn_impl")
+           "attn_impl")
 
 
 def check_same_model(r, ckpt, path, free=()):
