@@ -60,6 +60,11 @@ def encode(open_sides, start, goal):
     return flat + 16 * role
 
 
+def hide_goal(tokens):
+    """Tokens (torch, any shape) with the goal shown as a plain cell (its open sides kept): a maze without a goal."""
+    return torch.where(tokens // 16 == 2, tokens - 32, tokens)
+
+
 def decode(tokens, n):
     """(n*n,) tokens -> (open_sides (n, n, 4) bool, start (r, c), goal (r, c))."""
     t = np.asarray(tokens, dtype=np.int64).reshape(n, n)

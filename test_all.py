@@ -33,6 +33,7 @@ import evaluate
 import model as model_mod
 import parsing
 import plots
+import probes
 import sample_maze
 import stats
 import train
@@ -914,6 +915,106 @@ def test_segments_curves_draws_several_evaluations_and_rejects_auto_results(tmp_
         plots.main(["--segments", str(paths[0]), "--out", str(tmp_path / "x.png")])
     with pytest.raises(SystemExit):  # neither a run folder nor --segments
         plots.main([])
+
+
+def test_hide_goal_shows_the_goal_as_a_plain_cell_and_keeps_the_rest(cache8, maze8):
+    x, _ = maze8.split("test")
+    hidden = data.hide_goal(x)
+    assert (x // 16 == 2).sum(1).eq(1).all() and not (hidden // 16 == 2).any()  # one goal each, then none
+    assert torch.equal(hidden % 16, x % 16) and torch.equal(hidden // 16 == 1, x // 16 == 1)  # walls, start kept
+    goal = x // 16 == 2
+    assert torch.equal(hidden[~goal], x[~goal]) and torch.equal(data.hide_goal(hidden), hidden)
+
+
+def probe_pool(maze_run, n=12):
+    """The tiny maze5 run's model as probes.py loads it, and a validation pool of n mazes (task, grid, x, y)."""
+    task = data.make_task("maze5", seed=3, n_train=100, n_val=0, n_test=n, cache_dir=str(maze_run.parent / "cache"),
+                          progress=False, kinds=[("gen_dfs", None)])
+    grid, x, y = probes.maze_pool("maze5", n, 3, "gen_dfs", None, str(maze_run.parent / "cache"))
+    assert torch.equal(x, task.split("test")[0])  # the same pool as evaluate.py --data-seed 3 scores
+    return probes.load(str(maze_run)), task, grid, x, y
+
+
+def test_probe_hide_with_nothing_hidden_scores_each_segment_as_evaluate_does(maze_run):
+    probe, task, grid, x, y = probe_pool(maze_run)
+    model, steps, temperature = probe
+    assert steps == 4  # the run's --eval-steps, as evaluate.py scores it
+    curves = probes.hide(probe, grid, x, y, 3, [0, 2])
+    scored = train.evaluate(model, task, x, y, 3, n_steps=steps, temperature=temperature)["per_segment"]
+    assert [len(c) for c in curves.values()] == [3, 3]
+    for mine, theirs in zip(curves[0], scored):
+        assert mine == pytest.approx(theirs["optimal"], abs=1e-9)
+    # two segments that see the mazes without their goal, then one with it, by hand
+    logits, state = {}, {"hidden": None, "shown": None}
+    with torch.no_grad():
+        for s in range(3):
+            for kind in state:
+                seen = data.hide_goal(x) if kind == "hidden" and s < 2 else x
+                out = model(seen, state=state[kind], temperature=temperature, grid=grid, n_steps=steps)
+                state[kind], logits[kind] = out["state"], out["logits"].float()
+    torch.testing.assert_close(next(probes.rollout(probe, grid, x, 1, hidden_for=2))[1], logits["hidden"])
+    assert (logits["hidden"] - logits["shown"]).abs().max() > 1e-3  # hiding the goal changed the answer
+
+
+def test_probe_settle_finds_when_each_cell_settles(maze_run, monkeypatch):
+    probe, _, grid, x, y = probe_pool(maze_run)
+    known = y != data.IGNORE
+    S, (B, N) = 4, y.shape
+    # hand-made answers: each known cell right or wrong at each segment by a random pattern
+    pattern = torch.rand(S, B, N, generator=torch.Generator().manual_seed(0)) < 0.6
+    right_class = torch.where(known, (y.clamp(min=0) & -y.clamp(min=0)).clamp(min=1).log2().long(), 0)
+    wrong_class = torch.tensor([[next(c for c in range(5) if not (int(v) >> c) & 1) if v >= 0 else 0
+                                 for v in row] for row in y])
+    answers = [torch.nn.functional.one_hot(torch.where(pattern[s], right_class, wrong_class), 5).float()
+               for s in range(S)]
+    monkeypatch.setattr(probes, "rollout", lambda *args, **kwargs: ((None, a) for a in answers))
+    rows = probes.settle(probe, grid, x, y, S, 2)
+    dist = data.goal_distance(x, grid)
+    assert rows and all(r["to"] - r["from"] == 2 for r in rows)
+    for r in rows:  # the same figures counted cell by cell
+        cells = [(b, n) for b in range(B) for n in range(N) if known[b, n] and r["from"] <= dist[b, n] < r["to"]]
+        needs = [c for c in cells if not pattern[0][c]]
+        keeps = [c for c in cells if pattern[0][c]]
+        done = [c for c in needs if pattern[-1][c]]
+        first_of_last_run = [min(s for s in range(S) if all(pattern[t][c] for t in range(s, S))) + 1 for c in done]
+        assert (r["cells"], r["needs"]) == (len(cells), len(needs))
+        assert r["right_end"] == pytest.approx(sum(bool(pattern[-1][c]) for c in cells) / len(cells))
+        assert r["needs_right_end"] == pytest.approx(len(done) / len(needs))
+        assert r["needs_settled_at"] == pytest.approx(float(np.median(first_of_last_run)))
+        assert r["drifted"] == pytest.approx(sum(not pattern[-1][c] for c in keeps) / len(keeps))
+
+
+def test_probe_read_fits_a_linear_read_and_the_cli_runs_each_probe(maze_run, tmp_path, capsys):
+    features = torch.randn(300, 5, generator=torch.Generator().manual_seed(1))
+    a = torch.tensor([1.0, -2.0, 0.5, 3.0, 0.0])
+    w = probes.ridge(features, features @ a + 7.0, lam=1e-6)
+    torch.testing.assert_close(w, torch.cat([a, torch.tensor([7.0])]).double(), atol=1e-4, rtol=0)
+    probe, _, grid, x, y = probe_pool(maze_run)
+    got = probes.read(probe, (grid, x, y, 2), grid, x, y, 3, 2, [1, 3])
+    assert got["r2"] <= 1 and got["bands"]
+    settled = probes.settle(probe, grid, x, y, 3, 2)
+    assert [(b["from"], b["cells"]) for b in got["bands"]] == [(r["from"], r["cells"]) for r in settled]
+    for b, r in zip(got["bands"], settled):
+        assert set(b["read"]) == set(b["right"]) == {1, 3}
+        assert b["right"][3] == pytest.approx(r["right_end"])  # the same answers, read two ways
+    cache, out = str(maze_run.parent / "cache"), tmp_path / "p.json"
+    common = [str(maze_run), "--task", "maze5", "--n-test", "12", "--data-dir", cache, "--band", "2"]
+    probes.main(["settle", *common, "--segments", "3", "--out", str(out)])
+    assert json.loads(out.read_text())["result"][0]["from"] == 0
+    probes.main(["hide", *common, "--segments", "2", "--hide", "0,1"])
+    probes.main(["read", *common, "--segments", "3", "--at", "1,2", "--fit-task", "maze5", "--fit-n", "12",
+                 "--fit-segments", "2"])
+    text = capsys.readouterr().out
+    assert "goal hidden for   1 segments" in text and "mean read / accuracy after 1, 2, 3 segments" in text
+    for argv, message in [(["--task", "sort6"], "for mazes (mazeN)"), (["--segments", "0"], "--segments must be"),
+                          (["--n-test", "-1"], "--n-test must be")]:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            probes.main(["settle", *common, *argv])
+    with pytest.raises(SystemExit, match="error: "):
+        probes.main(["settle", str(tmp_path / "nothing"), "--task", "maze5"])
+    with pytest.raises(SystemExit):
+        probes.main(["hide", *common, "--hide", "-1"])
+    assert "expected counts >= 0" in capsys.readouterr().err
 
 
 def test_sample_maze_solves_larger_fresh_mazes_prints_and_draws(maze_run, tmp_path, capsys):
@@ -1914,7 +2015,7 @@ def test_a_users_own_mazes_are_encoded_and_scored_per_item_through_the_public_ap
 def test_every_command_in_the_readme_names_flags_that_its_script_has(capsys):
     text = open(os.path.join(REPO, "README.md")).read()
     tools = {"train.py": train, "evaluate.py": evaluate, "sample_maze.py": sample_maze, "ab.py": ab,
-             "bench.py": bench, "plots.py": plots}
+             "bench.py": bench, "plots.py": plots, "probes.py": probes}
     helps = {}
     for name, module in tools.items():
         with pytest.raises(SystemExit):

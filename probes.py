@@ -1,0 +1,217 @@
+"""
+Probes of how a maze model carries the answer from the goal across a maze: the measurements behind the notes in
+docs/experiments.md on why some seeds stop at about 150 moves on large mazes (issue 20), made re-runnable.
+
+    python probes.py settle RUN --task maze32 --segments 48 --n-test 100   # when each distance band settles
+    python probes.py hide RUN --task maze12 --hide 0,8,16 --segments 16    # the goal hidden for K segments first
+    python probes.py read RUN --task maze32 --segments 48 --n-test 20      # a linear read of the distance off h
+
+settle: a cell wrong after the first segment needs the answer from the goal (a dead end cannot tell it which way
+        to go). Per band of distance from the goal: such cells' share right at the end and the median segment from
+        which they stay right (a moving front shows as a median growing with distance), and the share of the cells
+        right after one segment that are wrong at the end (answers that drift while they wait).
+hide:   K segments with the goal shown as a plain cell, then --segments with it; optimal after each of those.
+        A model whose far cells drift while they wait for the goal's answer fails after a long K.
+read:   ridge regression of the distance to the goal from the carried state h, fitted on --fit-task mazes after
+        --fit-segments, read on the --task mazes at several segments: the mean read per band (and the answers'
+        accuracy there). Whether the state holds a distance that grows past the training sizes, or saturates.
+
+Every probe runs validation pools by default (--data-seed 3, never the test mazes reported), perfect mazes
+(gen_dfs) unless --generator says otherwise, with the checkpoint's inner steps and temperature, on the CPU in one
+batch: keep --n-test small on large mazes. The model never trains here.
+"""
+
+import argparse
+import json
+import statistics
+
+import torch
+
+import data
+import train
+
+BAND_MIN = 20  # cells a distance band needs to be printed
+
+
+def load(run):
+    """(model, inner steps, temperature) of a run folder or checkpoint, as evaluate.py scores it."""
+    model, ckpt = train.load_checkpoint(train.checkpoint_file(run), "cpu")
+    model.eval()
+    return model, (ckpt.get("config") or {}).get("eval_steps") or model.cfg.R, train.checkpoint_temperature(ckpt)
+
+
+def maze_pool(task, n, seed, generator, gen_kwargs, data_dir):
+    """(grid, x, y): the n test mazes of a pool, as evaluate.py --data-seed draws them."""
+    t = data.make_task(task, seed=seed, n_train=100, n_val=0, n_test=n, cache_dir=data_dir, progress=False,
+                       kinds=[(generator, gen_kwargs)])
+    return (t.grid, *t.split("test"))
+
+
+@torch.no_grad()
+def rollout(probe, grid, x, segments, hidden_for=0):
+    """Yields (state, logits) after each of `segments` segments, which follow `hidden_for` segments that see the
+    mazes with the goal shown as a plain cell (data.hide_goal)."""
+    model, steps, temperature = probe
+    state = None
+    for s in range(hidden_for + segments):
+        out = model(data.hide_goal(x) if s < hidden_for else x, state=state, temperature=temperature, grid=grid,
+                    n_steps=steps)
+        state = out["state"]
+        if s >= hidden_for:
+            yield state, out["logits"].float()
+
+
+def bands_of(dist, known, width):
+    """[(lo, hi, cells mask)] over the distances, for the bands with at least BAND_MIN known cells."""
+    out = []
+    for lo in range(0, int(dist.max()) + 1, width):
+        cells = known & (dist >= lo) & (dist < lo + width)
+        if cells.sum() >= BAND_MIN:
+            out.append((lo, lo + width, cells))
+    return out
+
+
+def right_cells(y, logits):
+    """(..., N) bool: the best-scored class is a right one (any shortest move); meaningless where y is IGNORE."""
+    return (y.clamp(min=0) >> logits.argmax(-1)) & 1 == 1
+
+
+def settle(probe, grid, x, y, segments, width):
+    """One row per distance band: cells (known), needs (wrong after segment 1), right_end (all cells, the last
+    segment), needs_right_end, needs_settled_at (median segment, from 1, from which they stay right; None if none
+    do), drifted (the share of cells right after segment 1 that are wrong at the end)."""
+    right = torch.stack([right_cells(y, logits) for _, logits in rollout(probe, grid, x, segments)])  # (S, B, N)
+    stays = right.flip(0).cumprod(0).flip(0).bool()  # right from this segment to the last one
+    settled_at = stays.float().argmax(0) + 1  # the first such segment (meaningful where the last one is right)
+    known, dist = y != data.IGNORE, data.goal_distance(x, grid)
+    rows = []
+    for lo, hi, cells in bands_of(dist, known, width):
+        needs, keeps = cells & ~right[0], cells & right[0]
+        done = needs & right[-1]
+        rows.append({"from": lo, "to": hi, "cells": int(cells.sum()), "needs": int(needs.sum()),
+                     "right_end": right[-1][cells].float().mean().item(),
+                     "needs_right_end": right[-1][needs].float().mean().item() if needs.any() else None,
+                     "needs_settled_at": statistics.median(settled_at[done].tolist()) if done.any() else None,
+                     "drifted": (~right[-1][keeps]).float().mean().item() if keeps.any() else None})
+    return rows
+
+
+def hide(probe, grid, x, y, segments, hidden):
+    """{K: optimal after each of the segments that follow K segments with the goal hidden} for each K in hidden."""
+    return {k: [data.maze_metrics(logits, x, y)["optimal"] for _, logits in rollout(probe, grid, x, segments, k)]
+            for k in hidden}
+
+
+def ridge(features, target, lam=1e-2):
+    """Least squares with an L2 penalty and an intercept: features (M, D), target (M,) -> weights (D + 1,) in
+    float64 (the last one the intercept)."""
+    X = torch.cat([features.double(), torch.ones(len(features), 1, dtype=torch.float64)], 1)
+    return torch.linalg.solve(X.T @ X + lam * torch.eye(X.shape[1], dtype=torch.float64), X.T @ target.double())
+
+
+def linear_read(h, w):
+    return h.double() @ w[:-1] + w[-1]
+
+
+def read(probe, fit, grid, x, y, segments, width, at):
+    """Fit the distance read on the fit pool (grid, x, y, segments) at its last segment, then read the mazes at
+    the segments `at`. Returns {"r2": on the fit pool, "bands": [{"from", "to", "cells", "read": {s: mean read},
+    "right": {s: accuracy}}]}."""
+    fgrid, fx, fy, fsegments = fit
+    state = list(rollout(probe, fgrid, fx, fsegments))[-1][0]
+    known, dist = fy != data.IGNORE, data.goal_distance(fx, fgrid)
+    w = ridge(state["h"][known], dist[known])
+    r2 = 1 - (linear_read(state["h"][known], w) - dist[known]).pow(2).mean() / dist[known].double().var(unbiased=False)
+    reads, rights = {}, {}
+    for s, (state, logits) in enumerate(rollout(probe, grid, x, segments), start=1):
+        if s in at:
+            reads[s], rights[s] = linear_read(state["h"], w), right_cells(y, logits)
+    known, dist = y != data.IGNORE, data.goal_distance(x, grid)
+    bands = [{"from": lo, "to": hi, "cells": int(cells.sum()),
+              "read": {s: reads[s][cells].mean().item() for s in reads},
+              "right": {s: rights[s][cells].float().mean().item() for s in rights}}
+             for lo, hi, cells in bands_of(dist, known, width)]
+    return {"r2": r2.item(), "bands": bands}
+
+
+def int_list(text):
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = [-1]
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected counts >= 0 separated by commas, got {text}")
+    return values
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Probe how a maze model carries the goal's answer (docs/experiments.md).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("probe", choices=["settle", "hide", "read"])
+    p.add_argument("checkpoint", help="a checkpoint file, or a run folder (its best.pt)")
+    p.add_argument("--task", default="maze32", help="mazes to probe (mazeN)")
+    p.add_argument("--segments", type=int, default=48, help="segments run (hide: after the hidden ones)")
+    p.add_argument("--n-test", type=int, default=100, help="mazes, in one batch")
+    p.add_argument("--band", type=int, default=40, help="settle, read: moves from the goal per band")
+    p.add_argument("--hide", type=int_list, default=[0, 8, 16], help="hide: segments with the goal hidden, "
+                   "one run each")
+    p.add_argument("--at", type=int_list, default=[1, 2, 4, 8, 16, 32, 48], help="read: the segments read")
+    p.add_argument("--fit-task", default="maze12", help="read: the mazes the read is fitted on")
+    p.add_argument("--fit-segments", type=int, default=16, help="read: segments run before the fit")
+    p.add_argument("--fit-n", type=int, default=300, help="read: mazes fitted on")
+    p.add_argument("--generator", default=data.GENERATOR, help="a maze-dataset generator (for every pool)")
+    p.add_argument("--gen-arg", action="append", default=[], metavar="KEY=VALUE", help="as in evaluate.py")
+    p.add_argument("--data-seed", type=int, default=3, help="the pools' data seed (3: validation mazes)")
+    p.add_argument("--data-dir", default="data_cache", help="where generated maze sets are cached")
+    p.add_argument("--out", default=None, help="write the result here as JSON")
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    for flag in ("segments", "n_test", "band", "fit_segments", "fit_n"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for task in (args.task, args.fit_task):
+        if not (task.startswith("maze") and task[4:].isdigit()):
+            raise SystemExit(f"error: the probes are for mazes (mazeN), got {task}")
+    torch.set_grad_enabled(False)
+    try:
+        gen_kwargs = data.parse_gen_args(args.gen_arg) or None
+        probe = load(args.checkpoint)
+        pool = lambda task, n: maze_pool(task, n, args.data_seed, args.generator, gen_kwargs, args.data_dir)
+        grid, x, y = pool(args.task, args.n_test)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(f"{args.probe} {args.checkpoint} on {args.n_test} {args.task} mazes "
+          f"({data.generator_name(args.generator, gen_kwargs)}, data seed {args.data_seed})")
+    if args.probe == "settle":
+        result = settle(probe, grid, x, y, args.segments, args.band)
+        print(f"after {args.segments} segments; needs: cells wrong after the first")
+        for r in result:
+            fmt = lambda v, f: "-" if v is None else format(v, f)
+            print(f"  {r['from']:4d}-{r['to'] - 1:<4d} cells {r['cells']:6d}  right {r['right_end']:.3f}  needs "
+                  f"{r['needs']:5d}: right {fmt(r['needs_right_end'], '.3f')}, settled at {fmt(r['needs_settled_at'], 'g')}"
+                  f"  drifted {fmt(r['drifted'], '.3f')}")
+    elif args.probe == "hide":
+        result = hide(probe, grid, x, y, args.segments, args.hide)
+        for k, curve in result.items():
+            print(f"  goal hidden for {k:3d} segments; optimal after 1 / 2 / 4 / 8 / {args.segments} with it: "
+                  + " / ".join(f"{curve[i - 1]:.3f}" for i in (1, 2, 4, 8, args.segments) if i <= len(curve)))
+    else:
+        fit = (*pool(args.fit_task, args.fit_n), args.fit_segments)
+        at = sorted(s for s in set(args.at) | {args.segments} if 1 <= s <= args.segments)
+        result = read(probe, fit, grid, x, y, args.segments, args.band, at)
+        print(f"fitted on {args.fit_n} {args.fit_task} mazes after {args.fit_segments} segments: R^2 "
+              f"{result['r2']:.3f}; per band, mean read / accuracy after " + ", ".join(map(str, at)) + " segments")
+        for b in result["bands"]:
+            print(f"  {b['from']:4d}-{b['to'] - 1:<4d} cells {b['cells']:6d}  "
+                  + "  ".join(f"{b['read'][s]:6.1f}/{b['right'][s]:.2f}" for s in at))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"probe": args.probe, "args": vars(args), "result": result}, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
