@@ -35,8 +35,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import (GENERATOR, IGNORE, N_TRAIN, TASK_NAMES, goal_distance, hide_goal, make_task, mix_parts, parse_kinds,
-                  pool_file)
+from data import GENERATOR, IGNORE, N_TRAIN, TASK_NAMES, goal_distance, make_task, mix_parts, parse_kinds, pool_file
 from hrm_controller import anneal, temperature_at
 from model import CONTROLLERS, ModelConfig, PoHModel
 from stats import item_means
@@ -171,12 +170,6 @@ def add_run_flags(p):
     g.add_argument("--wave-speed", type=float, default=None, help="mazes: > 0 scores a cell's move only once an "
                    "answer spreading from the goal at this many cells per inner step could have reached it, so far "
                    "cells are not pushed to guess early (0: every cell at every segment; default: the task's)")
-    g.add_argument("--hide-goal", type=int, default=0, metavar="D", help="mazes: each new sample hides its goal "
-                   "(shown as a plain cell, nothing scored) for its first k segments, k drawn from 0..D, so the model "
-                   "learns to wait for the goal's answer as the far cells of a large maze must (0: off)")
-    g.add_argument("--state-noise", type=float, default=0.0, help="training: Gaussian noise of this many times "
-                   "each token's RMS added to the carried h between segments, so an answer relayed across the maze "
-                   "must hold up against it (0: off)")
     g.add_argument("--dropout", type=float, default=None, help="dropout on the embedded input and on each block's "
                    "attention and MLP outputs")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
@@ -240,11 +233,6 @@ def resolve_args(argv=None):
                     (args.dist_period == 0 or args.dist_weight > 0, "--dist-period needs --dist-weight > 0"),
                     (args.wave_speed >= 0, f"--wave-speed must be >= 0, got {args.wave_speed}"),
                     (task_kind(args.task) == "maze" or args.wave_speed == 0, "--wave-speed is for mazes only"),
-                    (0 <= args.hide_goal < args.segments,
-                     f"--hide-goal must be in [0, --segments), got {args.hide_goal}"),
-                    (task_kind(args.task) == "maze" or args.hide_goal == 0, "--hide-goal is for mazes only"),
-                    (args.hide_goal == 0 or args.dist_weight == 0, "--hide-goal cannot go with --dist-weight"),
-                    (args.state_noise >= 0, f"--state-noise must be >= 0, got {args.state_noise}"),
                     (task_kind(args.task) != "parse" or args.batching == "fixed" and args.attn == "global",
                      "ud_ewt needs --batching fixed and --attn global (batches differ in length)")]:
         if not ok:
@@ -483,7 +471,6 @@ class Carry:
         self.whole = world == 1  # one process holds the whole batch; with several each holds a share: none is saved
         self.age = self.x = self.y = self.state = None  # age: segments run by each global slot's sample
         self.dist = None  # with --dist-weight: each slot's distances to the goal, computed once per sample
-        self.delay = None  # with --hide-goal: the segments each slot's sample runs with its goal hidden
 
     @torch.no_grad()
     def next(self, model, step, device):
@@ -496,41 +483,18 @@ class Carry:
             x, y = self.task.train_batch(len(done), self.gen, **curriculum_at(step, self.args, self.task))
             mine = (done >= self.lo) & (done < self.hi)
             x, y, rows = x[mine].to(device), y[mine].to(device), done[mine] - self.lo
-            delay = self.draw_delays(len(done), step)  # (global) segments each new sample hides its goal
-            fresh, dist = model.init_state(self.shown(x, delay[mine] > 0)), self.distances(x)
+            fresh, dist = model.init_state(x), self.distances(x)
             if first or len(done) == B:  # a whole new batch, whose length may differ (variable-length tasks)
-                self.x, self.y, self.state, self.dist, self.delay = x, y, fresh, dist, delay
+                self.x, self.y, self.state, self.dist = x, y, fresh, dist
                 rolling = self.args.batching == "rolling"
                 self.age = torch.arange(B) % S if first and rolling else torch.zeros(B, dtype=torch.long)
             else:
-                self.x[rows], self.y[rows], self.age[done], self.delay[done] = x, y, 0, delay
+                self.x[rows], self.y[rows], self.age[done] = x, y, 0
                 for k, v in fresh.items():
                     self.state[k][rows] = v
                 if dist is not None:
                     self.dist[rows] = dist
         return self.x, self.y, self.state
-
-    def draw_delays(self, n, step):
-        """--hide-goal D: n delays drawn uniformly from 0..D (zeros without the flag), from a generator seeded by
-        (seed, step), so the data order is the same with and without the flag and a resumed run draws the same."""
-        if not self.args.hide_goal:
-            return torch.zeros(n, dtype=torch.long)
-        g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + step)
-        return torch.randint(0, self.args.hide_goal + 1, (n,), generator=g)
-
-    def hidden(self):
-        """(B,) bool: the slots of this process whose sample still runs with its goal hidden."""
-        return (self.age < self.delay)[self.lo:self.hi]
-
-    def shown(self, x, hidden=None):
-        """What the model sees of x (this process's rows; hidden (B,) bool, default the slots' own): with
-        --hide-goal the goal of each hidden sample as a plain cell. On a large
-        maze the far cells wait many segments before the goal's answer reaches them; a 12x12 maze never makes them
-        wait that long, so a model trained on it alone may drift while it waits (docs/experiments.md)."""
-        hidden = self.hidden() if hidden is None else hidden
-        if not self.args.hide_goal or not hidden.any():
-            return x
-        return torch.where(hidden.to(x.device)[:, None], hide_goal(x), x)
 
     def distances(self, x):
         """Each cell's distance to the goal in the samples x, for --dist-weight (its target) and --wave-speed (its
@@ -540,34 +504,26 @@ class Carry:
     def reached(self, y):
         """--wave-speed: y with the cells that an answer spreading from the goal at that speed cannot have reached
         by the end of this segment (age + 1 segments of R inner steps) set to IGNORE, so they get no loss yet."""
-        if self.args.hide_goal:  # nothing is scored while the goal is hidden; the answer spreads from its reveal
-            y = torch.where(self.hidden().to(y.device)[:, None], IGNORE, y)
         if not self.args.wave_speed:
             return y
-        shown_for = (self.age - self.delay)[self.lo:self.hi] + 1  # segments run with the goal shown, this one included
-        reach = self.args.wave_speed * self.args.R * shown_for.to(y.device)  # (B,) cells
+        reach = self.args.wave_speed * self.args.R * (self.age[self.lo:self.hi] + 1).to(y.device)  # (B,) cells
         return torch.where(self.dist > reach[:, None], IGNORE, y)
 
     def advance(self, state):
         """After the optimizer step: every slot has run one more segment and carries the state it ended with."""
         self.age += 1
-        if self.args.state_noise:
-            h = state["h"]
-            rms = h.pow(2).mean(-1, keepdim=True).sqrt()
-            state = {**state, "h": h + self.args.state_noise * rms * torch.randn_like(h)}
         self.state = state
 
     def state_dict(self):
         if self.age is None or not self.whole:
             return None
         state = {k: v.cpu() for k, v in self.state.items()}
-        return {"age": self.age, "delay": self.delay, "x": self.x.cpu(), "y": self.y.cpu(), "state": state}
+        return {"age": self.age, "x": self.x.cpu(), "y": self.y.cpu(), "state": state}
 
     def load_state_dict(self, saved, device):
         if saved is None or not self.whole or len(saved["age"]) != self.args.batch_size:
             return  # nothing drawn yet, several processes, or another batch size: the run starts a fresh batch
         self.age, self.x, self.y = saved["age"], saved["x"].to(device), saved["y"].to(device)
-        self.delay = saved.get("delay", torch.zeros_like(self.age))  # older checkpoints: no goal hidden
         self.state = {k: v.to(device) for k, v in saved["state"].items()}
         self.dist = self.distances(self.x)
 
@@ -787,7 +743,7 @@ def train_step(r, model, x, y, state, amp, any_rank):
     temperature = temperature_at(frac, args.temp_start, args.temp_end, args.temp_floor)
     ew = anneal(args.entropy_weight, 0.0, frac) if args.entropy_anneal else args.entropy_weight
     with amp or nullcontext():  # dist: the carried batch's distances (the model reads them with --dist-weight)
-        out = model(r.carry.shown(x), r.carry.reached(y), state=state, temperature=temperature, entropy_weight=ew,
+        out = model(x, r.carry.reached(y), state=state, temperature=temperature, entropy_weight=ew,
                     balance_weight=args.balance_weight, grid=r.task.grid, dist=r.carry.dist)
     loss = out["loss"]
     r.optimizer.zero_grad(set_to_none=True)
