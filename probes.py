@@ -167,6 +167,7 @@ def get_parser():
     return p
 
 
+@torch.no_grad()
 def main(argv=None):
     args = get_parser().parse_args(argv)
     for flag in ("segments", "n_test", "band", "fit_segments", "fit_n"):
@@ -175,7 +176,6 @@ def main(argv=None):
     for task in (args.task, args.fit_task):
         if not (task.startswith("maze") and task[4:].isdigit()):
             raise SystemExit(f"error: the probes are for mazes (mazeN), got {task}")
-    torch.set_grad_enabled(False)
     try:
         gen_kwargs = data.parse_gen_args(args.gen_arg) or None
         probe = load(args.checkpoint)

@@ -1005,6 +1005,7 @@ def test_probe_read_fits_a_linear_read_and_the_cli_runs_each_probe(maze_run, tmp
     probes.main(["read", *common, "--segments", "3", "--at", "1,2", "--fit-task", "maze5", "--fit-n", "12",
                  "--fit-segments", "2"])
     text = capsys.readouterr().out
+    assert torch.is_grad_enabled()  # the probes leave the process as they found it
     assert "goal hidden for   1 segments" in text and "mean read / accuracy after 1, 2, 3 segments" in text
     for argv, message in [(["--task", "sort6"], "for mazes (mazeN)"), (["--segments", "0"], "--segments must be"),
                           (["--n-test", "-1"], "--n-test must be")]:
