@@ -34,8 +34,12 @@ BAND_MIN = 20  # cells a distance band needs to be printed
 
 
 def load(run):
-    """(model, inner steps, temperature) of a run folder or checkpoint, as evaluate.py scores it."""
+    """(model, inner steps, temperature) of a run folder or checkpoint, as evaluate.py scores it. Only a maze model
+    that answers with moves (the direction target) can be probed."""
     model, ckpt = train.load_checkpoint(train.checkpoint_file(run), "cpu")
+    if (model.cfg.vocab_size, model.cfg.n_classes) != (48, data.GOAL_CLASS + 1):
+        raise ValueError(f"{run} is not a maze model that answers with moves (direction target); "
+                         f"it has {model.cfg.n_classes} classes over {model.cfg.vocab_size} tokens")
     model.eval()
     return model, (ckpt.get("config") or {}).get("eval_steps") or model.cfg.R, train.checkpoint_temperature(ckpt)
 
@@ -103,8 +107,8 @@ def hide(probe, grid, x, y, segments, hidden):
 
 
 def ridge(features, target, lam=1e-2):
-    """Least squares with an L2 penalty and an intercept: features (M, D), target (M,) -> weights (D + 1,) in
-    float64 (the last one the intercept)."""
+    """Least squares with an L2 penalty lam (on the intercept too, which at lam = 1e-2 changes nothing visible) and an
+    intercept: features (M, D), target (M,) -> weights (D + 1,) in float64 (the last one the intercept)."""
     X = torch.cat([features.double(), torch.ones(len(features), 1, dtype=torch.float64)], 1)
     return torch.linalg.solve(X.T @ X + lam * torch.eye(X.shape[1], dtype=torch.float64), X.T @ target.double())
 
@@ -176,11 +180,14 @@ def main(argv=None):
     for task in (args.task, args.fit_task):
         if not (task.startswith("maze") and task[4:].isdigit()):
             raise SystemExit(f"error: the probes are for mazes (mazeN), got {task}")
+    if args.probe == "read" and max(args.at) > args.segments:
+        raise SystemExit(f"error: --at {max(args.at)} is beyond --segments {args.segments}")
     try:
         gen_kwargs = data.parse_gen_args(args.gen_arg) or None
         probe = load(args.checkpoint)
         pool = lambda task, n: maze_pool(task, n, args.data_seed, args.generator, gen_kwargs, args.data_dir)
         grid, x, y = pool(args.task, args.n_test)
+        fit = (*pool(args.fit_task, args.fit_n), args.fit_segments) if args.probe == "read" else None
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     print(f"{args.probe} {args.checkpoint} on {args.n_test} {args.task} mazes "
@@ -195,12 +202,12 @@ def main(argv=None):
                   f"  drifted {fmt(r['drifted'], '.3f')}")
     elif args.probe == "hide":
         result = hide(probe, grid, x, y, args.segments, args.hide)
+        shown = sorted({s for s in (1, 2, 4, 8) if s < args.segments} | {args.segments})
         for k, curve in result.items():
-            print(f"  goal hidden for {k:3d} segments; optimal after 1 / 2 / 4 / 8 / {args.segments} with it: "
-                  + " / ".join(f"{curve[i - 1]:.3f}" for i in (1, 2, 4, 8, args.segments) if i <= len(curve)))
+            print(f"  goal hidden for {k:3d} segments; optimal after " + " / ".join(map(str, shown)) + " with it: "
+                  + " / ".join(f"{curve[s - 1]:.3f}" for s in shown))
     else:
-        fit = (*pool(args.fit_task, args.fit_n), args.fit_segments)
-        at = sorted(s for s in set(args.at) | {args.segments} if 1 <= s <= args.segments)
+        at = sorted(s for s in set(args.at) | {args.segments} if s >= 1)
         result = read(probe, fit, grid, x, y, args.segments, args.band, at)
         print(f"fitted on {args.fit_n} {args.fit_task} mazes after {args.fit_segments} segments: R^2 "
               f"{result['r2']:.3f}; per band, mean read / accuracy after " + ", ".join(map(str, at)) + " segments")

@@ -931,7 +931,6 @@ def probe_pool(maze_run, n=12):
     task = data.make_task("maze5", seed=3, n_train=100, n_val=0, n_test=n, cache_dir=str(maze_run.parent / "cache"),
                           progress=False, kinds=[("gen_dfs", None)])
     grid, x, y = probes.maze_pool("maze5", n, 3, "gen_dfs", None, str(maze_run.parent / "cache"))
-    assert torch.equal(x, task.split("test")[0])  # the same pool as evaluate.py --data-seed 3 scores
     return probes.load(str(maze_run)), task, grid, x, y
 
 
@@ -942,8 +941,11 @@ def test_probe_hide_with_nothing_hidden_scores_each_segment_as_evaluate_does(maz
     curves = probes.hide(probe, grid, x, y, 3, [0, 2])
     scored = train.evaluate(model, task, x, y, 3, n_steps=steps, temperature=temperature)["per_segment"]
     assert [len(c) for c in curves.values()] == [3, 3]
-    for mine, theirs in zip(curves[0], scored):
-        assert mine == pytest.approx(theirs["optimal"], abs=1e-9)
+    # and as evaluate.py --data-seed 3 scores the same run: the probes' pool is its validation pool
+    cli = evaluate.score(str(maze_run), "maze5", segments=3, n_test=12, data_dir=str(maze_run.parent / "cache"),
+                         generator="gen_dfs", data_seed=3)["per_segment"]
+    for mine, theirs, other in zip(curves[0], scored, cli):
+        assert mine == pytest.approx(theirs["optimal"], abs=1e-9) and mine == pytest.approx(other["optimal"], abs=1e-9)
     # two segments that see the mazes without their goal, then one with it, by hand
     logits, state = {}, {"hidden": None, "shown": None}
     with torch.no_grad():
@@ -992,6 +994,15 @@ def test_probe_read_fits_a_linear_read_and_the_cli_runs_each_probe(maze_run, tmp
     probe, _, grid, x, y = probe_pool(maze_run)
     got = probes.read(probe, (grid, x, y, 2), grid, x, y, 3, 2, [1, 3])
     assert got["r2"] <= 1 and got["bands"]
+    # the fit and the read by hand, in numpy: fitted after 2 segments, read after 3
+    h2, h3 = [state["h"].double().numpy() for state, _ in list(probes.rollout(probe, grid, x, 3))[1:]]
+    known, dist = (y != data.IGNORE).numpy(), data.goal_distance(x, grid).double().numpy()
+    w = probes.ridge(torch.from_numpy(h2[known]), torch.from_numpy(dist[known])).numpy()
+    fitted = h2[known] @ w[:-1] + w[-1]
+    assert got["r2"] == pytest.approx(1 - ((fitted - dist[known]) ** 2).mean() / dist[known].var(), abs=1e-9)
+    for b in got["bands"]:
+        cells = known & (dist >= b["from"]) & (dist < b["to"])
+        assert b["read"][3] == pytest.approx((h3[cells] @ w[:-1] + w[-1]).mean(), abs=1e-6)
     settled = probes.settle(probe, grid, x, y, 3, 2)
     assert [(b["from"], b["cells"]) for b in got["bands"]] == [(r["from"], r["cells"]) for r in settled]
     for b, r in zip(got["bands"], settled):
@@ -1002,15 +1013,20 @@ def test_probe_read_fits_a_linear_read_and_the_cli_runs_each_probe(maze_run, tmp
     probes.main(["settle", *common, "--segments", "3", "--out", str(out)])
     assert json.loads(out.read_text())["result"][0]["from"] == 0
     probes.main(["hide", *common, "--segments", "2", "--hide", "0,1"])
+    assert "optimal after 1 / 2 with it: " in capsys.readouterr().out
     probes.main(["read", *common, "--segments", "3", "--at", "1,2", "--fit-task", "maze5", "--fit-n", "12",
                  "--fit-segments", "2"])
     text = capsys.readouterr().out
     assert torch.is_grad_enabled()  # the probes leave the process as they found it
-    assert "goal hidden for   1 segments" in text and "mean read / accuracy after 1, 2, 3 segments" in text
+    assert "mean read / accuracy after 1, 2, 3 segments" in text
     for argv, message in [(["--task", "sort6"], "for mazes (mazeN)"), (["--segments", "0"], "--segments must be"),
-                          (["--n-test", "-1"], "--n-test must be")]:
+                          (["--n-test", "-1"], "--n-test must be"), (["--at", "4"], "--at 4 is beyond --segments 3"),
+                          (["--fit-task", "maze2"], "error: ")]:
         with pytest.raises(SystemExit, match=re.escape(message)):
-            probes.main(["settle", *common, *argv])
+            probes.main(["read", *common, "--segments", "3", "--fit-n", "12", *argv])
+    train.main(tiny_run_args(tmp_path, "maze5", "--target", "path"))  # a maze model that marks the path instead
+    with pytest.raises(SystemExit, match="not a maze model that answers with moves"):
+        probes.main(["settle", str(tmp_path / "run"), "--task", "maze5", "--data-dir", cache])
     with pytest.raises(SystemExit, match="error: "):
         probes.main(["settle", str(tmp_path / "nothing"), "--task", "maze5"])
     with pytest.raises(SystemExit):
