@@ -302,22 +302,34 @@ def maze_metrics(logits, x, y, per_item=False):
     return out if per_item else {k: nan_mean(v) for k, v in out.items()}
 
 
+def right_answers(y, logits):
+    """(..., N) bool tensor: the best-scored class of each cell is a right one (any shortest move); y (..., N) the
+    direction labels (bitmasks), logits (..., N, C). Meaningless where y is IGNORE: mask those cells out."""
+    return (y.clamp(min=0) >> logits.argmax(-1)) & 1 == 1
+
+
+def distance_bands(dist, known, width, min_cells=1):
+    """[(lo, lo + width, cells), ...]: the bands of `width` moves of distance to the goal (dist, a tensor) that hold
+    at least min_cells of the known cells, with cells = known & (lo <= dist < lo + width)."""
+    bands = []
+    for lo in range(0, int(dist.max()) + 1, width):
+        cells = known & (dist >= lo) & (dist < lo + width)
+        if cells.sum() >= min_cells:
+            bands.append((lo, lo + width, cells))
+    return bands
+
+
 def accuracy_by_distance(logits, x, y, width):
     """Per-cell accuracy in bands of `width` moves of distance to the goal (goal_distance), over the whole batch:
     [{"from": d, "to": d + width, "cells": n, "cell_acc": a}, ...] for the bands with cells. Where a model trained
     on small mazes goes wrong on large ones: near the goal, or beyond the distances it has seen."""
     n = int(round(x.shape[1] ** 0.5))
-    dist = goal_distance(x.cpu(), (n, n)).numpy()
-    y = y.cpu().numpy()
-    right = ((y >> logits.detach().float().cpu().numpy().argmax(-1)) & 1) == 1
+    x, y = x.cpu(), y.cpu()
+    dist = goal_distance(x, (n, n))
+    right = right_answers(y, logits.detach().float().cpu())
     known = (y != IGNORE) & (dist >= 0)
-    bands = []
-    for lo in range(0, int(dist.max()) + 1, width):
-        cells = known & (dist >= lo) & (dist < lo + width)
-        if cells.any():
-            bands.append({"from": lo, "to": lo + width, "cells": int(cells.sum()),
-                          "cell_acc": float(right[cells].mean())})
-    return bands
+    return [{"from": lo, "to": hi, "cells": int(cells.sum()), "cell_acc": right[cells].double().mean().item()}
+            for lo, hi, cells in distance_bands(dist, known, width)]
 
 
 # Mazes: generation, caching and the task.

@@ -176,7 +176,7 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
     if (task.vocab_size, task.n_classes) != (model.cfg.vocab_size, model.cfg.n_classes):
         raise ValueError(f"{task_name} has {task.n_classes} classes over {task.vocab_size} tokens, the model "
                          f"{model.cfg.n_classes} over {model.cfg.vocab_size} (a sorting model has a fixed length)")
-    inner_steps = inner_steps or config.get("eval_steps") or model.cfg.R  # as train.py's test.json was measured
+    inner_steps = inner_steps or train.checkpoint_inner_steps(ckpt, model)  # as train.py's test.json was measured
     segments = segments or config["segments"]
     if ablate and model.controller is None:
         raise ValueError(f"{path} has no router (controller {model.cfg.controller}); nothing to ablate")

@@ -28,6 +28,7 @@ import statistics
 import torch
 
 import data
+import sample_maze
 import train
 
 BAND_MIN = 20  # cells a distance band needs to be printed
@@ -35,13 +36,13 @@ BAND_MIN = 20  # cells a distance band needs to be printed
 
 def load(run):
     """(model, inner steps, temperature) of a run folder or checkpoint, as evaluate.py scores it. Only a maze model
-    that answers with moves (the direction target) can be probed."""
-    model, ckpt = train.load_checkpoint(train.checkpoint_file(run), "cpu")
-    if (model.cfg.vocab_size, model.cfg.n_classes) != (48, data.GOAL_CLASS + 1):
-        raise ValueError(f"{run} is not a maze model that answers with moves (direction target); "
-                         f"it has {model.cfg.n_classes} classes over {model.cfg.vocab_size} tokens")
+    that answers with moves (the direction target) can be probed; SystemExit with one line otherwise."""
+    model, ckpt, _ = sample_maze.load_maze_model(run)
+    if model.cfg.n_classes != data.GOAL_CLASS + 1:
+        raise SystemExit(f"error: {run} is not a maze model that answers with moves (direction target); it has "
+                         f"{model.cfg.n_classes} classes")
     model.eval()
-    return model, (ckpt.get("config") or {}).get("eval_steps") or model.cfg.R, train.checkpoint_temperature(ckpt)
+    return model, train.checkpoint_inner_steps(ckpt, model), train.checkpoint_temperature(ckpt)
 
 
 def maze_pool(task, n, seed, generator, gen_kwargs, data_dir):
@@ -65,31 +66,16 @@ def rollout(probe, grid, x, segments, hidden_for=0):
             yield state, out["logits"].float()
 
 
-def bands_of(dist, known, width):
-    """[(lo, hi, cells mask)] over the distances, for the bands with at least BAND_MIN known cells."""
-    out = []
-    for lo in range(0, int(dist.max()) + 1, width):
-        cells = known & (dist >= lo) & (dist < lo + width)
-        if cells.sum() >= BAND_MIN:
-            out.append((lo, lo + width, cells))
-    return out
-
-
-def right_cells(y, logits):
-    """(..., N) bool: the best-scored class is a right one (any shortest move); meaningless where y is IGNORE."""
-    return (y.clamp(min=0) >> logits.argmax(-1)) & 1 == 1
-
-
 def settle(probe, grid, x, y, segments, width):
     """One row per distance band: cells (known), needs (wrong after segment 1), right_end (all cells, the last
     segment), needs_right_end, needs_settled_at (median segment, from 1, from which they stay right; None if none
     do), drifted (the share of cells right after segment 1 that are wrong at the end)."""
-    right = torch.stack([right_cells(y, logits) for _, logits in rollout(probe, grid, x, segments)])  # (S, B, N)
+    right = torch.stack([data.right_answers(y, logits) for _, logits in rollout(probe, grid, x, segments)])  # (S, B, N)
     stays = right.flip(0).cumprod(0).flip(0).bool()  # right from this segment to the last one
     settled_at = stays.float().argmax(0) + 1  # the first such segment (meaningful where the last one is right)
     known, dist = y != data.IGNORE, data.goal_distance(x, grid)
     rows = []
-    for lo, hi, cells in bands_of(dist, known, width):
+    for lo, hi, cells in data.distance_bands(dist, known, width, BAND_MIN):
         needs, keeps = cells & ~right[0], cells & right[0]
         done = needs & right[-1]
         rows.append({"from": lo, "to": hi, "cells": int(cells.sum()), "needs": int(needs.sum()),
@@ -122,19 +108,20 @@ def read(probe, fit, grid, x, y, segments, width, at):
     the segments `at`. Returns {"r2": on the fit pool, "bands": [{"from", "to", "cells", "read": {s: mean read},
     "right": {s: accuracy}}]}."""
     fgrid, fx, fy, fsegments = fit
-    state = list(rollout(probe, fgrid, fx, fsegments))[-1][0]
+    for state, _ in rollout(probe, fgrid, fx, fsegments):  # keep the last segment's state only
+        pass
     known, dist = fy != data.IGNORE, data.goal_distance(fx, fgrid)
     w = ridge(state["h"][known], dist[known])
     r2 = 1 - (linear_read(state["h"][known], w) - dist[known]).pow(2).mean() / dist[known].double().var(unbiased=False)
     reads, rights = {}, {}
     for s, (state, logits) in enumerate(rollout(probe, grid, x, segments), start=1):
         if s in at:
-            reads[s], rights[s] = linear_read(state["h"], w), right_cells(y, logits)
+            reads[s], rights[s] = linear_read(state["h"], w), data.right_answers(y, logits)
     known, dist = y != data.IGNORE, data.goal_distance(x, grid)
     bands = [{"from": lo, "to": hi, "cells": int(cells.sum()),
               "read": {s: reads[s][cells].mean().item() for s in reads},
               "right": {s: rights[s][cells].float().mean().item() for s in rights}}
-             for lo, hi, cells in bands_of(dist, known, width)]
+             for lo, hi, cells in data.distance_bands(dist, known, width, BAND_MIN)]
     return {"r2": r2.item(), "bands": bands}
 
 
@@ -195,11 +182,11 @@ def main(argv=None):
     if args.probe == "settle":
         result = settle(probe, grid, x, y, args.segments, args.band)
         print(f"after {args.segments} segments; needs: cells wrong after the first")
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # a band with no such cells
         for r in result:
-            fmt = lambda v, f: "-" if v is None else format(v, f)
             print(f"  {r['from']:4d}-{r['to'] - 1:<4d} cells {r['cells']:6d}  right {r['right_end']:.3f}  needs "
-                  f"{r['needs']:5d}: right {fmt(r['needs_right_end'], '.3f')}, settled at {fmt(r['needs_settled_at'], 'g')}"
-                  f"  drifted {fmt(r['drifted'], '.3f')}")
+                  f"{r['needs']:5d}: right {fmt(r['needs_right_end'], '.3f')}, settled at "
+                  f"{fmt(r['needs_settled_at'], 'g')}  drifted {fmt(r['drifted'], '.3f')}")
     elif args.probe == "hide":
         result = hide(probe, grid, x, y, args.segments, args.hide)
         shown = sorted({s for s in (1, 2, 4, 8) if s < args.segments} | {args.segments})

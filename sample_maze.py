@@ -221,7 +221,7 @@ def main(argv=None):
     cfg, config = model.cfg, ckpt["config"]
     trained_n = int(config["task"][4:])
     n = args.grid_n or trained_n
-    n_steps = args.inner_steps or config.get("eval_steps") or cfg.R
+    n_steps = args.inner_steps or train.checkpoint_inner_steps(ckpt, model)
     segments = evaluate.parse_segments(args.segments) or (config["segments"] if n == trained_n else "auto")
     # auto: up to evaluate.py's cap for this grid, stopping once every decoded path has held for PATIENCE segments
     cap = evaluate.segment_cap((n, n), cfg.n_layers, n_steps) if segments == "auto" else segments

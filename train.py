@@ -355,6 +355,12 @@ def checkpoint_temperature(ckpt):
     return train_temperature(ckpt.get("config") or {"temp_start": 2.0, "temp_end": 1.0, "temp_floor": 0.0}, None)
 
 
+def checkpoint_inner_steps(ckpt, model):
+    """The inner steps per segment to evaluate a saved checkpoint with: its --eval-steps, else its R (as its
+    test.json was measured)."""
+    return (ckpt.get("config") or {}).get("eval_steps") or model.cfg.R
+
+
 def checkpoint_config(ckpt):
     """A checkpoint's ModelConfig fields; those it predates take the value that reproduces the model it saved."""
     args = {"ctrl_where": False, **ckpt["model_args"]}  # the controller's position code came later
