@@ -17,6 +17,9 @@ first step where its cumulative halting probability reaches 0.5.
 Distance head (dist_weight > 0, mazes): a linear read of each cell's BFS distance to the goal off the state the
 answer comes from, an auxiliary loss only (distance_loss); the answer never reads it. With dist_period P > 0 the
 head reads the distance as a phase, (cos, sin) of 2 pi d / P: a target of the same range at every maze size.
+Front head (front_weight > 0, mazes): a logit, read off the same state, of whether an answer spreading from the
+goal at train.py's --wave-speed can have reached each cell by the end of the segment; an auxiliary cross-entropy
+only. Its target is 0 or 1 at every maze size and follows a local rule: a cell is reached once an open neighbour is.
 
 The carried state (h, z_L, z_H) goes in and comes out of forward, detached, so train.py can run several
 segments per batch (HRM-style deep supervision).
@@ -67,6 +70,8 @@ class ModelConfig:
     dist_weight: float = 0.0  # > 0 builds a head that reads each cell's distance to the goal (mazes) off the same
     # state as the answer, trained by a Huber loss of this weight: an auxiliary target, see distance_loss
     dist_period: int = 0  # 0: the head predicts the distance; P >= 3: its phase, one turn every P moves
+    front_weight: float = 0.0  # > 0 builds a head that reads, off the same state, whether an answer spreading from
+    # the goal can have reached each cell by the end of the segment (a cross-entropy of this weight; mazes)
     dropout: float = 0.0  # dropout on the embedded input and on each block's attention and MLP outputs (training)
     label_sets: bool = False  # labels are bitmasks of the right classes (mazes: every equally short move is right)
     output: str = "classes"  # "classes" (one class per token) or "biaffine" (a head and a relation per word: parsing)
@@ -196,6 +201,7 @@ class PoHModel(nn.Module):
                 top_k=cfg.top_k, hard_route=cfg.hard_route, h_gate=cfg.h_gate, where=cfg.ctrl_where))
         self.halt = nn.Linear(cfg.d_model, 1) if cfg.ponder_weight > 0 else None
         self.dist_head = nn.Linear(cfg.d_model, 2 if cfg.dist_period else 1) if cfg.dist_weight > 0 else None
+        self.front_head = nn.Linear(cfg.d_model, 1) if cfg.front_weight > 0 else None
         self.apply(self._init_weights)
         if self.halt is not None:  # special case: start halting at the prior's per-step probability
             nn.init.constant_(self.halt.bias, math.log(cfg.ponder_prior / (1 - cfg.ponder_prior)))
@@ -240,9 +246,10 @@ class PoHModel(nn.Module):
         return state
 
     def forward(self, x, y=None, state=None, temperature=1.0, entropy_weight=0.0, balance_weight=0.0, grid=None,
-                n_steps=None, trace=False, ablate=None, ablate_gen=None, dist=None):
+                n_steps=None, trace=False, ablate=None, ablate_gen=None, dist=None, front=None):
         """x (B, N) tokens, y (B, N) labels or None; grid (h, w) with h*w = N, default (1, N); dist (B, N) each
-        cell's distance to the goal (data.goal_distance), the target of the distance head (with dist_weight).
+        cell's distance to the goal (data.goal_distance), the target of the distance head (with dist_weight);
+        front (B, N) 1 where the goal's answer can have reached a cell, 0 where not, -1 unknown (front_weight).
         balance_weight: weight of the load-balancing term (hrm_controller.balance_loss); ablate: None or one of
         hrm_controller.ABLATIONS, to replace the router's alpha at evaluation (random draws from ablate_gen).
         Returns a dict: logits (B, N, C) (the halted step's with pondering, else the last step's), loss (a tensor,
@@ -270,7 +277,7 @@ class PoHModel(nn.Module):
         first_grad = R - min(cfg.grad_steps, R) if cfg.grad == "tbptt" else 0
         supervised = supervised_steps(R, cfg.supervise)
         task_terms, entropies, balances, lambdas, step_losses, step_logits, steps = [], [], [], [], [], [], []
-        dist_terms = []
+        dist_terms, front_terms = [], []
         usage, modal = [], []
         for t in range(R):
             with torch.set_grad_enabled(torch.is_grad_enabled() and t >= first_grad):
@@ -313,6 +320,10 @@ class PoHModel(nn.Module):
                     pred = self.dist_head(out).float()
                     dist_terms.append(distance_loss(pred if cfg.dist_period else pred.squeeze(-1), dist,
                                                     cfg.dist_period))
+                if scored and self.front_head is not None and front is not None:
+                    known = front >= 0
+                    logit = self.front_head(out).squeeze(-1).float()
+                    front_terms.append(F.binary_cross_entropy_with_logits(logit[known], front[known].float()))
             if trace:
                 steps.append({"alpha": alpha, "p": p, "h_update": h_update if h_update is None else h_update.detach(),
                               "logits": logits.detach() if torch.is_tensor(logits) else tuple(t.detach() for t in logits),
@@ -324,6 +335,8 @@ class PoHModel(nn.Module):
         parts = {"entropy": entropy, "balance": balance, "ponder": zero, "task": zero}
         if dist_terms:
             parts["dist"] = torch.stack(dist_terms).mean()
+        if front_terms:
+            parts["front"] = torch.stack(front_terms).mean()
         if usage:
             parts["usage"], parts["modal_share"] = torch.stack(usage), torch.stack(modal)
         if self.halt is not None:
@@ -350,6 +363,8 @@ class PoHModel(nn.Module):
             loss = parts["task"] + parts["ponder"] + entropy_weight * entropy + balance_weight * balance
             if dist_terms:
                 loss = loss + cfg.dist_weight * parts["dist"]
+            if front_terms:
+                loss = loss + cfg.front_weight * parts["front"]
         out_state = {"h": h.detach().float(), **{k: v.detach().float() for k, v in ctrl.items()}}
         return {"logits": logits, "loss": loss, "parts": parts, "state": out_state, "trace": steps}
 

@@ -2439,3 +2439,51 @@ def test_a_mix_of_maze_kinds_trains_and_evaluates_on_the_same_mix(tmp_path, caps
     assert result["optimal"] == pytest.approx(test["optimal"])  # the same 20 test mazes as train.py scored
     with pytest.raises(SystemExit):
         train.main(tiny_run_args(tmp_path / "b", "maze5", "--mazes", "gen_dfs:p"))
+
+
+def test_the_front_target_marks_the_cells_an_answer_from_the_goal_can_have_reached(tmp_path, one_thread, capsys):
+    # --front-weight: 1 where dist <= speed x R x (segments run, this one included), 0 beyond, -1 unreachable; the
+    # model adds front_weight x a cross-entropy over the known cells, which leaves the answer's logits alone
+    args = train.resolve_args(tiny_run_args(tmp_path, "maze5", "--wave-speed", "1.5", "--front-weight", "0.2",
+                                            "--batch-size", "6", "--segments", "3", "--batching", "rolling"))
+    task = data.make_task("maze5", n_train=60, n_val=0, n_test=0, cache_dir=str(tmp_path / "cache"), progress=False)
+    model, carry = PoHModel(train.model_config(args, task), verbose=False), train.Carry(args, task, torch.Generator())
+    for step in range(4):
+        x, y, state = carry.next(model, step, "cpu")
+        dist, reach = data.goal_distance(x, (5, 5)), 1.5 * 2 * (carry.age + 1)  # R = 2 inner steps per segment
+        front = carry.front()
+        assert front.dtype == torch.long and (front == 1).any() and (front == 0).any(), step  # both occur
+        assert torch.equal(front == 1, (dist >= 0) & (dist <= reach[:, None])), step
+        assert torch.equal(front == 0, dist > reach[:, None]), step
+        out = model(x, carry.reached(y), state=state, grid=(5, 5), front=front)
+        plain = model(x, carry.reached(y), state=state, grid=(5, 5))
+        torch.testing.assert_close(out["logits"], plain["logits"], rtol=0, atol=0)
+        logit = model.front_head(model.norm_out(out["state"]["h"])).squeeze(-1)
+        by_hand = F.binary_cross_entropy_with_logits(logit, front.float())
+        torch.testing.assert_close(out["parts"]["front"], by_hand, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out["loss"], plain["loss"] + 0.2 * by_hand, rtol=1e-5, atol=1e-6)
+        carry.advance(state)
+    unknown = torch.tensor([[-1, 1, 0]])  # a cell the goal cannot reach gets no loss
+    m = tiny_maze_model("hrm", R=2, front_weight=1.0, label_sets=True)
+    x = torch.zeros(1, 3, dtype=torch.long)
+    h = m(x, grid=(1, 3))["state"]["h"]
+    logit = m.front_head(m.norm_out(h)).squeeze(-1)[:, 1:]
+    y = torch.full((1, 3), data.IGNORE)
+    out = m(x, y, grid=(1, 3), front=unknown)
+    torch.testing.assert_close(out["parts"]["front"], F.binary_cross_entropy_with_logits(logit, unknown[:, 1:].float()))
+    out["parts"]["front"].backward()
+    assert m.front_head.weight.grad.abs().sum() > 0 and m.blocks[0].mlp[0].weight.grad.abs().sum() > 0
+    assert tiny_maze_model("hrm", R=2).front_head is None and train.Carry(
+        train.resolve_args(tiny_run_args(tmp_path, "maze5")), task, torch.Generator()).front() is None
+    # it trains end to end, from a model without the head; and it needs the wave it reads
+    tuned = tmp_path / "tuned"
+    train.main(tiny_run_args(tmp_path, "maze5", "--wave-speed", "2"))
+    train.main(tiny_run_args(tmp_path, "maze5", "--out-dir", str(tuned), "--init-from", str(tmp_path / "run"),
+                             "--wave-speed", "2", "--front-weight", "0.1"))
+    logged = [json.loads(line) for line in (tuned / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["front"] > 0 for row in logged if row["split"] == "train")
+    for flags, message in ((("--front-weight", "0.1", "--wave-speed", "0"), "--front-weight needs --wave-speed"),
+                           (("--front-weight", "-1"), "--front-weight must be >= 0")):
+        with pytest.raises(SystemExit):
+            train.main(tiny_run_args(tmp_path, "maze5", *flags))
+        assert message in capsys.readouterr().err

@@ -167,6 +167,8 @@ def add_run_flags(p):
                    "cell's BFS distance to the goal read off the answer's state (a Huber loss of this weight)")
     g.add_argument("--dist-period", type=int, default=0, help="with --dist-weight: 0 reads the distance itself, "
                    "P >= 3 its phase, one turn every P moves (a target of the same range at every maze size)")
+    g.add_argument("--front-weight", type=float, default=0.0, help="mazes, with --wave-speed: > 0 adds an "
+                   "auxiliary target, whether that spreading answer can have reached each cell (cross-entropy)")
     g.add_argument("--wave-speed", type=float, default=None, help="mazes: > 0 scores a cell's move only once an "
                    "answer spreading from the goal at this many cells per inner step could have reached it, so far "
                    "cells are not pushed to guess early (0: every cell at every segment; default: the task's)")
@@ -232,6 +234,9 @@ def resolve_args(argv=None):
                      f"--dist-period must be 0 or >= 3, got {args.dist_period}"),
                     (args.dist_period == 0 or args.dist_weight > 0, "--dist-period needs --dist-weight > 0"),
                     (args.wave_speed >= 0, f"--wave-speed must be >= 0, got {args.wave_speed}"),
+                    (args.front_weight >= 0, f"--front-weight must be >= 0, got {args.front_weight}"),
+                    (args.front_weight == 0 or (args.wave_speed > 0 and args.supervise == "last"),
+                     "--front-weight needs --wave-speed > 0 and --supervise last"),
                     (task_kind(args.task) == "maze" or args.wave_speed == 0, "--wave-speed is for mazes only"),
                     (task_kind(args.task) != "parse" or args.batching == "fixed" and args.attn == "global",
                      "ud_ewt needs --batching fixed and --attn global (batches differ in length)")]:
@@ -253,6 +258,7 @@ def model_config(args, task):
         reset_controller=args.reset_controller, grad=args.grad, grad_steps=args.grad_steps, supervise=args.supervise,
         ponder_weight=args.ponder_weight, ponder_prior=args.ponder_prior, label_smoothing=args.label_smoothing,
         dropout=args.dropout, dist_weight=args.dist_weight, dist_period=args.dist_period,
+        front_weight=args.front_weight,
         label_sets=task_kind(args.task) == "maze",  # maze labels are bitmasks: every shortest move is right
         **(dict(output="biaffine", pad_token=0, feature_vocab=task.feature_vocab)
            if task_kind(args.task) == "parse" else {}))
@@ -507,6 +513,14 @@ class Carry:
         mask); None without either. Derived from x, so never saved."""
         return goal_distance(x, self.task.grid) if self.args.dist_weight or self.args.wave_speed else None
 
+    def front(self):
+        """--front-weight: the target of the front head, 1 where an answer spreading from the goal at --wave-speed
+        can have reached a cell by the end of this segment, 0 where not, -1 where the goal cannot be reached."""
+        if not self.args.front_weight:
+            return None
+        reach = self.args.wave_speed * self.args.R * (self.age[self.lo:self.hi] + 1).to(self.dist.device)
+        return torch.where(self.dist < 0, -1, (self.dist <= reach[:, None]).long())
+
     def reached(self, y):
         """--wave-speed: y with the cells that an answer spreading from the goal at that speed cannot have reached
         by the end of this segment (age + 1 segments of R inner steps) set to IGNORE, so they get no loss yet."""
@@ -657,9 +671,9 @@ def build(args, device, rank, world):
 
 
 # model fields --init-from may change: how the same weights are run and trained (inner steps, gradient, loss),
-# not which weights there are (the distance head is the one exception: see init_weights)
+# not which weights there are (the auxiliary heads, HEADS, are the exception: see init_weights)
 TUNABLE = ("R", "grad", "grad_steps", "supervise", "label_smoothing", "dropout", "dist_weight", "dist_period",
-           "attn_impl")
+           "front_weight", "attn_impl")
 
 
 def check_same_model(r, ckpt, path, free=()):
@@ -673,11 +687,14 @@ def check_same_model(r, ckpt, path, free=()):
         raise SystemExit(f"error: the model of {path} differs from the flags (saved, flags): {diff}")
 
 
+HEADS = ("dist_head.", "front_head.")  # auxiliary heads that --init-from may add or drop
+
+
 def init_weights(r, path):
     """--init-from: copy a trained model's weights (its EMA weights where it kept them) into the model and its
     EMA copy; everything else (optimizer, schedule, step, data order) starts as in a fresh run. The fields in
-    TUNABLE may change: a distance head the trained model lacks (or has for another --dist-period) starts fresh, one
-    the flags drop is left out."""
+    TUNABLE may change: an auxiliary head the trained model lacks (or a distance head for another --dist-period)
+    starts fresh, one the flags drop is left out."""
     path = checkpoint_file(path)
     try:
         trained, ckpt = load_checkpoint(path)
@@ -686,10 +703,10 @@ def init_weights(r, path):
     check_same_model(r, ckpt, path, TUNABLE)
     own = r.model.state_dict()
     weights = {k: v for k, v in trained.state_dict().items()
-               if not k.startswith("dist_head.") or (k in own and own[k].shape == v.shape)}
+               if not k.startswith(HEADS) or (k in own and own[k].shape == v.shape)}
     for model in (r.model, r.ema) if r.ema is not None else (r.model,):
         missing, unexpected = model.load_state_dict(weights, strict=False)
-        assert not unexpected and all(k.startswith("dist_head.") for k in missing), (missing, unexpected)
+        assert not unexpected and all(k.startswith(HEADS) for k in missing), (missing, unexpected)
     if r.master:
         print(f"initialised from {path} (trained {ckpt.get('step', '?')} steps)", flush=True)
 
@@ -748,9 +765,10 @@ def train_step(r, model, x, y, state, amp, any_rank):
         group["lr"] = group["base_lr"] * lr_at(r.step, args)
     temperature = temperature_at(frac, args.temp_start, args.temp_end, args.temp_floor)
     ew = anneal(args.entropy_weight, 0.0, frac) if args.entropy_anneal else args.entropy_weight
-    with amp or nullcontext():  # dist: the carried batch's distances (the model reads them with --dist-weight)
+    with amp or nullcontext():  # dist, front: the auxiliary targets of the carried batch (None when off)
         out = model(x, r.carry.reached(y), state=state, temperature=temperature, entropy_weight=ew,
-                    balance_weight=args.balance_weight, grid=r.task.grid, dist=r.carry.dist)
+                    balance_weight=args.balance_weight, grid=r.task.grid, dist=r.carry.dist,
+                    front=r.carry.front())
     loss = out["loss"]
     r.optimizer.zero_grad(set_to_none=True)
     loss.backward()
