@@ -5,6 +5,7 @@ docs/experiments.md on why some seeds stop at about 150 moves on large mazes (is
     python probes.py settle RUN --task maze32 --segments 48 --n-test 100   # when each distance band settles
     python probes.py hide RUN --task maze12 --hide 0,8,16 --segments 16    # the goal hidden for K segments first
     python probes.py read RUN --task maze32 --segments 48 --n-test 20      # a linear read of the distance off h
+    python probes.py front RUN --task maze32 --segments 32 --n-test 20     # the front head (--front-weight)
 
 settle: a cell wrong after the first segment needs the answer from the goal (a dead end cannot tell it which way
         to go). Per band of distance from the goal: such cells' share right at the end and the median segment from
@@ -15,6 +16,8 @@ hide:   K segments with the goal shown as a plain cell, then --segments with it;
 read:   ridge regression of the distance to the goal from the carried state h, fitted on --fit-task mazes after
         --fit-segments, read on the --task mazes at several segments: the mean read per band (and the answers'
         accuracy there). Whether the state holds a distance that grows past the training sizes, or saturates.
+front:  a model trained with --front-weight: per band, the mean probability its front head gives that the goal's
+        answer has reached a cell, and the answers' accuracy there, at several segments. How fast its front moves.
 
 Every probe runs validation pools by default (--data-seed 3, never the test mazes reported), perfect mazes
 (gen_dfs) unless --generator says otherwise, with the checkpoint's inner steps and temperature, on the CPU in one
@@ -117,12 +120,31 @@ def read(probe, fit, grid, x, y, segments, width, at):
     for s, (state, logits) in enumerate(rollout(probe, grid, x, segments), start=1):
         if s in at:
             reads[s], rights[s] = linear_read(state["h"], w), data.right_answers(y, logits)
+    return {"r2": r2.item(), "bands": by_band(x, y, grid, width, read=reads, right=rights)}
+
+
+def front(probe, grid, x, y, segments, width, at):
+    """The front head's read after the segments `at`: [{"from", "to", "cells", "reached": {s: mean probability},
+    "right": {s: accuracy}}] per band. SystemExit with one line for a model without the head."""
+    model = probe[0]
+    if model.front_head is None:
+        raise SystemExit("error: the model has no front head (one trained with train.py --front-weight has)")
+    reached, rights = {}, {}
+    for s, (state, logits) in enumerate(rollout(probe, grid, x, segments), start=1):
+        if s in at:
+            reached[s] = torch.sigmoid(model.front_head(model.norm_out(state["h"])).squeeze(-1).float())
+            rights[s] = data.right_answers(y, logits)
+    return by_band(x, y, grid, width, reached=reached, right=rights)
+
+
+def by_band(x, y, grid, width, **per_segment):
+    """One row per band of distance from the goal: from, to, cells, and for each name=({segment: (B, N) values}) the
+    mean over the band's cells at each segment."""
     known, dist = y != data.IGNORE, data.goal_distance(x, grid)
-    bands = [{"from": lo, "to": hi, "cells": int(cells.sum()),
-              "read": {s: reads[s][cells].mean().item() for s in reads},
-              "right": {s: rights[s][cells].float().mean().item() for s in rights}}
-             for lo, hi, cells in data.distance_bands(dist, known, width, BAND_MIN)]
-    return {"r2": r2.item(), "bands": bands}
+    return [{"from": lo, "to": hi, "cells": int(cells.sum()),
+             **{name: {s: v[cells].double().mean().item() for s, v in values.items()}
+                for name, values in per_segment.items()}}
+            for lo, hi, cells in data.distance_bands(dist, known, width, BAND_MIN)]
 
 
 def int_list(text):
@@ -138,7 +160,7 @@ def int_list(text):
 def get_parser():
     p = argparse.ArgumentParser(description="Probe how a maze model carries the goal's answer (docs/experiments.md).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("probe", choices=["settle", "hide", "read"])
+    p.add_argument("probe", choices=["settle", "hide", "read", "front"])
     p.add_argument("checkpoint", help="a checkpoint file, or a run folder (its best.pt)")
     p.add_argument("--task", default="maze32", help="mazes to probe (mazeN)")
     p.add_argument("--segments", type=int, default=48, help="segments run (hide: after the hidden ones)")
@@ -146,7 +168,7 @@ def get_parser():
     p.add_argument("--band", type=int, default=40, help="settle, read: moves from the goal per band")
     p.add_argument("--hide", type=int_list, default=[0, 8, 16], help="hide: segments with the goal hidden, "
                    "one run each")
-    p.add_argument("--at", type=int_list, default=[1, 2, 4, 8, 16, 32, 48], help="read: the segments read")
+    p.add_argument("--at", type=int_list, default=[1, 2, 4, 8, 16, 32, 48], help="read, front: the segments read")
     p.add_argument("--fit-task", default="maze12", help="read: the mazes the read is fitted on")
     p.add_argument("--fit-segments", type=int, default=16, help="read: segments run before the fit")
     p.add_argument("--fit-n", type=int, default=300, help="read: mazes fitted on")
@@ -167,7 +189,7 @@ def main(argv=None):
     for task in (args.task, args.fit_task):
         if not (task.startswith("maze") and task[4:].isdigit()):
             raise SystemExit(f"error: the probes are for mazes (mazeN), got {task}")
-    if args.probe == "read" and max(args.at) > args.segments:
+    if args.probe in ("read", "front") and max(args.at) > args.segments:
         raise SystemExit(f"error: --at {max(args.at)} is beyond --segments {args.segments}")
     try:
         gen_kwargs = data.parse_gen_args(args.gen_arg) or None
@@ -195,12 +217,18 @@ def main(argv=None):
                   + " / ".join(f"{curve[s - 1]:.3f}" for s in shown))
     else:
         at = sorted(s for s in set(args.at) | {args.segments} if s >= 1)
-        result = read(probe, fit, grid, x, y, args.segments, args.band, at)
-        print(f"fitted on {args.fit_n} {args.fit_task} mazes after {args.fit_segments} segments: R^2 "
-              f"{result['r2']:.3f}; per band, mean read / accuracy after " + ", ".join(map(str, at)) + " segments")
-        for b in result["bands"]:
+        if args.probe == "read":
+            result = read(probe, fit, grid, x, y, args.segments, args.band, at)
+            bands, what = result["bands"], "read"
+            print(f"fitted on {args.fit_n} {args.fit_task} mazes after {args.fit_segments} segments: R^2 "
+                  f"{result['r2']:.3f}; per band, mean read / accuracy after " + ", ".join(map(str, at)) + " segments")
+        else:
+            result = bands = front(probe, grid, x, y, args.segments, args.band, at)
+            what = "reached"
+            print("per band, the front head's mean P(reached) / accuracy after " + ", ".join(map(str, at)) + " segments")
+        for b in bands:
             print(f"  {b['from']:4d}-{b['to'] - 1:<4d} cells {b['cells']:6d}  "
-                  + "  ".join(f"{b['read'][s]:6.1f}/{b['right'][s]:.2f}" for s in at))
+                  + "  ".join(f"{b[what][s]:6.{1 if what == 'read' else 2}f}/{b['right'][s]:.2f}" for s in at))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"probe": args.probe, "args": vars(args), "result": result}, f, indent=2)

@@ -1034,6 +1034,32 @@ def test_probe_read_fits_a_linear_read_and_the_cli_runs_each_probe(maze_run, tmp
     assert "expected counts >= 0" in capsys.readouterr().err
 
 
+def test_probe_front_reads_the_front_head_band_by_band(maze_run, tmp_path, capsys):
+    cache = str(maze_run.parent / "cache")
+    train.main(tiny_run_args(tmp_path, "maze5", "--wave-speed", "2", "--front-weight", "0.1", "--data-dir", cache))
+    _, _, grid, x, y = probe_pool(maze_run)
+    probe = probes.load(str(tmp_path / "run"))
+    got = probes.front(probe, grid, x, y, 3, 2, [1, 3])
+    model = probe[0]
+    known, dist = (y != data.IGNORE).numpy(), data.goal_distance(x, grid).numpy()
+    states = [state["h"] for state, _ in probes.rollout(probe, grid, x, 3)]
+    with torch.no_grad():  # by hand: the head's probability after 1 and 3 segments, averaged over each band
+        p = {s: torch.sigmoid(model.front_head(model.norm_out(states[s - 1]))).squeeze(-1).double().numpy()
+             for s in (1, 3)}
+    assert got and all(set(b["reached"]) == set(b["right"]) == {1, 3} for b in got)
+    for b in got:
+        cells = known & (dist >= b["from"]) & (dist < b["to"])
+        assert b["cells"] == cells.sum()
+        for s in (1, 3):
+            assert b["reached"][s] == pytest.approx(p[s][cells].mean(), abs=1e-6)
+    assert len({round(b["reached"][3], 6) for b in got}) > 1  # the bands differ: the test can tell them apart
+    probes.main(["front", str(tmp_path / "run"), "--task", "maze5", "--n-test", "12", "--data-dir", cache,
+                 "--band", "2", "--segments", "3", "--at", "1"])
+    assert "front head's mean P(reached) / accuracy after 1, 3 segments" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no front head"):
+        probes.main(["front", str(maze_run), "--task", "maze5", "--n-test", "12", "--data-dir", cache, "--at", "1"])
+
+
 def test_sample_maze_solves_larger_fresh_mazes_prints_and_draws(maze_run, tmp_path, capsys):
     out = tmp_path / "s.png"
     total = sample_maze.main([str(maze_run), "--num-samples", "2", "--grid-n", "6", "--inner-steps", "4",
