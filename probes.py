@@ -219,16 +219,16 @@ def main(argv=None):
         at = sorted(s for s in set(args.at) | {args.segments} if s >= 1)
         if args.probe == "read":
             result = read(probe, fit, grid, x, y, args.segments, args.band, at)
-            bands, what = result["bands"], "read"
+            bands, what, fmt = result["bands"], "read", "6.1f"
             print(f"fitted on {args.fit_n} {args.fit_task} mazes after {args.fit_segments} segments: R^2 "
                   f"{result['r2']:.3f}; per band, mean read / accuracy after " + ", ".join(map(str, at)) + " segments")
         else:
             result = bands = front(probe, grid, x, y, args.segments, args.band, at)
-            what = "reached"
+            what, fmt = "reached", "6.2f"
             print("per band, the front head's mean P(reached) / accuracy after " + ", ".join(map(str, at)) + " segments")
         for b in bands:
             print(f"  {b['from']:4d}-{b['to'] - 1:<4d} cells {b['cells']:6d}  "
-                  + "  ".join(f"{b[what][s]:6.{1 if what == 'read' else 2}f}/{b['right'][s]:.2f}" for s in at))
+                  + "  ".join(f"{b[what][s]:{fmt}}/{b['right'][s]:.2f}" for s in at))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"probe": args.probe, "args": vars(args), "result": result}, f, indent=2)

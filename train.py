@@ -513,21 +513,24 @@ class Carry:
         mask); None without either. Derived from x, so never saved."""
         return goal_distance(x, self.task.grid) if self.args.dist_weight or self.args.wave_speed else None
 
+    def wave(self):
+        """(B, N) True where an answer spreading from the goal at --wave-speed can have reached a cell by the end of
+        this segment (age + 1 segments of R inner steps): what --wave-speed scores and --front-weight reads."""
+        reach = self.args.wave_speed * self.args.R * (self.age[self.lo:self.hi] + 1).to(self.dist.device)  # (B,)
+        return self.dist <= reach[:, None]
+
     def front(self):
-        """--front-weight: the target of the front head, 1 where an answer spreading from the goal at --wave-speed
-        can have reached a cell by the end of this segment, 0 where not, -1 where the goal cannot be reached."""
+        """--front-weight: the target of the front head, 1 where the wave has reached a cell, 0 where not, -1 where
+        the goal cannot be reached."""
         if not self.args.front_weight:
             return None
-        reach = self.args.wave_speed * self.args.R * (self.age[self.lo:self.hi] + 1).to(self.dist.device)
-        return torch.where(self.dist < 0, -1, (self.dist <= reach[:, None]).long())
+        return torch.where(self.dist < 0, -1, self.wave().long())
 
     def reached(self, y):
-        """--wave-speed: y with the cells that an answer spreading from the goal at that speed cannot have reached
-        by the end of this segment (age + 1 segments of R inner steps) set to IGNORE, so they get no loss yet."""
+        """--wave-speed: y with the cells the wave has not reached set to IGNORE, so they get no loss yet."""
         if not self.args.wave_speed:
             return y
-        reach = self.args.wave_speed * self.args.R * (self.age[self.lo:self.hi] + 1).to(y.device)  # (B,) cells
-        return torch.where(self.dist > reach[:, None], IGNORE, y)
+        return torch.where(self.wave(), y, IGNORE)
 
     def advance(self, state):
         """After the optimizer step: every slot has run one more segment and carries the state it ended with."""
@@ -765,7 +768,8 @@ def train_step(r, model, x, y, state, amp, any_rank):
         group["lr"] = group["base_lr"] * lr_at(r.step, args)
     temperature = temperature_at(frac, args.temp_start, args.temp_end, args.temp_floor)
     ew = anneal(args.entropy_weight, 0.0, frac) if args.entropy_anneal else args.entropy_weight
-    with amp or nullcontext():  # dist, front: the auxiliary targets of the carried batch (None when off)
+    # dist, front: the carried batch's distances and front target; the model reads each only with its head
+    with amp or nullcontext():
         out = model(x, r.carry.reached(y), state=state, temperature=temperature, entropy_weight=ew,
                     balance_weight=args.balance_weight, grid=r.task.grid, dist=r.carry.dist,
                     front=r.carry.front())
