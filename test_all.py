@@ -2488,6 +2488,12 @@ def test_the_front_target_marks_the_cells_an_answer_from_the_goal_can_have_reach
         by_hand = F.binary_cross_entropy_with_logits(logit, front.float())
         torch.testing.assert_close(out["parts"]["front"], by_hand, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(out["loss"], plain["loss"] + 0.2 * by_hand, rtol=1e-5, atol=1e-6)
+        # --front-speed moves the target alone; the --wave-speed mask stays where it was
+        mask, carry.args.front_speed = carry.reached(y), 0.5
+        slow = 0.5 * 2 * (carry.age + 1)
+        assert torch.equal(carry.front() == 1, (dist >= 0) & (dist <= slow[:, None])), step
+        assert torch.equal(carry.reached(y), mask) and not torch.equal(carry.front(), front), step
+        carry.args.front_speed = None
         carry.advance(state)
     unknown = torch.tensor([[-1, 1, 0]])  # a cell the goal cannot reach gets no loss
     m = tiny_maze_model("hrm", R=2, front_weight=1.0, label_sets=True)
@@ -2509,7 +2515,9 @@ def test_the_front_target_marks_the_cells_an_answer_from_the_goal_can_have_reach
     logged = [json.loads(line) for line in (tuned / "metrics.jsonl").read_text().splitlines()]
     assert all(row["front"] > 0 for row in logged if row["split"] == "train")
     for flags, message in ((("--front-weight", "0.1", "--wave-speed", "0"), "--front-weight needs --wave-speed"),
-                           (("--front-weight", "-1"), "--front-weight must be >= 0")):
+                           (("--front-weight", "-1"), "--front-weight must be >= 0"),
+                           (("--front-speed", "1"), "--front-speed needs --front-weight > 0"),
+                           (("--front-weight", "0.1", "--front-speed", "0"), "--front-speed needs")):
         with pytest.raises(SystemExit):
             train.main(tiny_run_args(tmp_path, "maze5", *flags))
         assert message in capsys.readouterr().err

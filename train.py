@@ -169,6 +169,8 @@ def add_run_flags(p):
                    "P >= 3 its phase, one turn every P moves (a target of the same range at every maze size)")
     g.add_argument("--front-weight", type=float, default=0.0, help="mazes, with --wave-speed: > 0 adds an "
                    "auxiliary target, whether that spreading answer can have reached each cell (cross-entropy)")
+    g.add_argument("--front-speed", type=float, default=None, help="with --front-weight: the speed, in cells per "
+                   "inner step, of the front the head reads (default: --wave-speed's)")
     g.add_argument("--wave-speed", type=float, default=None, help="mazes: > 0 scores a cell's move only once an "
                    "answer spreading from the goal at this many cells per inner step could have reached it, so far "
                    "cells are not pushed to guess early (0: every cell at every segment; default: the task's)")
@@ -237,6 +239,8 @@ def resolve_args(argv=None):
                     (args.front_weight >= 0, f"--front-weight must be >= 0, got {args.front_weight}"),
                     (args.front_weight == 0 or (args.wave_speed > 0 and args.supervise == "last"),
                      "--front-weight needs --wave-speed > 0 and --supervise last"),
+                    (args.front_speed is None or args.front_weight > 0 and args.front_speed > 0,
+                     "--front-speed needs --front-weight > 0, and must be > 0"),
                     (task_kind(args.task) == "maze" or args.wave_speed == 0, "--wave-speed is for mazes only"),
                     (task_kind(args.task) != "parse" or args.batching == "fixed" and args.attn == "global",
                      "ud_ewt needs --batching fixed and --attn global (batches differ in length)")]:
@@ -513,10 +517,11 @@ class Carry:
         mask); None without either. Derived from x, so never saved."""
         return goal_distance(x, self.task.grid) if self.args.dist_weight or self.args.wave_speed else None
 
-    def wave(self):
-        """(B, N) True where an answer spreading from the goal at --wave-speed can have reached a cell by the end of
-        this segment (age + 1 segments of R inner steps): what --wave-speed scores and --front-weight reads."""
-        reach = self.args.wave_speed * self.args.R * (self.age[self.lo:self.hi] + 1).to(self.dist.device)  # (B,)
+    def wave(self, speed):
+        """(B, N) True where an answer spreading from the goal at speed cells per inner step can have reached a cell
+        by the end of this segment (age + 1 segments of R inner steps): what --wave-speed scores and --front-weight
+        reads (at --front-speed)."""
+        reach = speed * self.args.R * (self.age[self.lo:self.hi] + 1).to(self.dist.device)  # (B,)
         return self.dist <= reach[:, None]
 
     def front(self):
@@ -524,13 +529,14 @@ class Carry:
         the goal cannot be reached."""
         if not self.args.front_weight:
             return None
-        return torch.where(self.dist < 0, -1, self.wave().long())
+        speed = self.args.wave_speed if self.args.front_speed is None else self.args.front_speed
+        return torch.where(self.dist < 0, -1, self.wave(speed).long())
 
     def reached(self, y):
         """--wave-speed: y with the cells the wave has not reached set to IGNORE, so they get no loss yet."""
         if not self.args.wave_speed:
             return y
-        return torch.where(self.wave(), y, IGNORE)
+        return torch.where(self.wave(self.args.wave_speed), y, IGNORE)
 
     def advance(self, state):
         """After the optimizer step: every slot has run one more segment and carries the state it ended with."""
