@@ -525,8 +525,8 @@ class Carry:
         return self.dist <= reach[:, None]
 
     def front(self):
-        """--front-weight: the target of the front head, 1 where the wave has reached a cell, 0 where not, -1 where
-        the goal cannot be reached."""
+        """--front-weight: the target of the front head, 1 where a wave at --front-speed (default: --wave-speed) has
+        reached a cell, 0 where not, -1 where the goal cannot be reached."""
         if not self.args.front_weight:
             return None
         speed = self.args.wave_speed if self.args.front_speed is None else self.args.front_speed
