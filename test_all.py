@@ -2488,12 +2488,13 @@ def test_the_front_target_marks_the_cells_an_answer_from_the_goal_can_have_reach
         by_hand = F.binary_cross_entropy_with_logits(logit, front.float())
         torch.testing.assert_close(out["parts"]["front"], by_hand, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(out["loss"], plain["loss"] + 0.2 * by_hand, rtol=1e-5, atol=1e-6)
-        # --front-speed moves the target alone; the --wave-speed mask stays where it was
+        # --front-speed (resolved to the --wave-speed when unset) moves the target alone; the mask stays where it was
+        assert args.front_speed == 1.5
         mask, carry.args.front_speed = carry.reached(y), 0.5
         slow = 0.5 * 2 * (carry.age + 1)
         assert torch.equal(carry.front() == 1, (dist >= 0) & (dist <= slow[:, None])), step
         assert torch.equal(carry.reached(y), mask) and not torch.equal(carry.front(), front), step
-        carry.args.front_speed = None
+        carry.args.front_speed = 1.5
         carry.advance(state)
     unknown = torch.tensor([[-1, 1, 0]])  # a cell the goal cannot reach gets no loss
     m = tiny_maze_model("hrm", R=2, front_weight=1.0, label_sets=True)

@@ -250,6 +250,8 @@ def resolve_args(argv=None):
         parse_kinds(args.mazes)
     except ValueError as exc:
         parser.error(f"--mazes: {exc}")
+    if args.front_weight and args.front_speed is None:
+        args.front_speed = args.wave_speed  # resolved here, so config.json records the speed the head was trained at
     return args
 
 
@@ -529,8 +531,7 @@ class Carry:
         reached a cell, 0 where not, -1 where the goal cannot be reached."""
         if not self.args.front_weight:
             return None
-        speed = self.args.wave_speed if self.args.front_speed is None else self.args.front_speed
-        return torch.where(self.dist < 0, -1, self.wave(speed).long())
+        return torch.where(self.dist < 0, -1, self.wave(self.args.front_speed).long())
 
     def reached(self, y):
         """--wave-speed: y with the cells the wave has not reached set to IGNORE, so they get no loss yet."""
