@@ -233,6 +233,34 @@ def symmetry(open_sides, start, goal, k):
     return o, np.ascontiguousarray(s), np.ascontiguousarray(g)
 
 
+def symmetry_maps(n, k):
+    """Symmetry k of an n x n maze as index maps: cells (N,) and moves (4,), where view cell j is original cell
+    cells[j] and view move d is original move moves[d] (the same for every cell)."""
+    codes = np.arange(n * n * 4).reshape(n, n, 4)  # cell * 4 + move, moved around by symmetry() itself
+    moved = symmetry(codes, (0, 0), (0, 1), k)[0].reshape(n * n, 4)
+    return torch.from_numpy(moved[:, 0] // 4), torch.from_numpy(moved[0] % 4)
+
+
+def symmetric_tokens(x, n, k):
+    """Tokens x (B, n*n) of mazes -> the tokens of their image under symmetry k (torch, on x's device)."""
+    cells, moves = (t.to(x.device) for t in symmetry_maps(n, k))
+    t = x[:, cells]
+    bits = sum(((t >> m) & 1) << d for d, m in enumerate(moves.tolist()))
+    return bits + 16 * (t // 16)
+
+
+def from_symmetric(logits, n, k):
+    """Logits (B, n*n, C) of mazes seen under symmetry k -> the same scores on the original mazes: each cell's row
+    goes back to its cell and, for direction scores (C = 5), each move's column back to its move (the goal class
+    stays); on-path scores (C = 2) only move with their cells."""
+    cells, moves = (t.to(logits.device) for t in symmetry_maps(n, k))
+    out = torch.empty_like(logits)
+    out[:, cells] = logits
+    if logits.shape[-1] == 5:
+        out[..., moves] = out[..., :4].clone()  # view move d is original move moves[d]
+    return out
+
+
 def canonical_keys(open_sides, start, goal):
     """One bytes key per maze of a batch, equal for mazes that are symmetric images of each other."""
     forms = [encode(*symmetry(open_sides, start, goal, k)).astype(np.uint8) for k in range(8)]

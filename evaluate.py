@@ -10,6 +10,7 @@ with more inner steps and segments (size generalisation), or an old run under ne
     python evaluate.py runs/maze12-hrm-s0 --generator gen_dfs_percolation --gen-arg p=0.1   # mazes with loops
     python evaluate.py runs/maze12-hrm-s0 --segments 32 --plot segments.png   # accuracy against segments
     python evaluate.py runs/maze12-hrm-s0 --task maze24 --segments auto --by-distance 30   # where it goes wrong
+    python evaluate.py runs/maze12-hrm-s0 --task maze24 --segments auto --symmetries 8     # mean of 8 views
 
 Defaults: the checkpoint's task, inner steps, segments and training temperature, and the test split of its data
 seed (the same items train.py's test.json was measured on; other maze sizes get their own cached pools from the
@@ -98,6 +99,33 @@ def run_adaptive(model, task, x, n_steps, temperature, cap, patience=PATIENCE, b
     return torch.cat(answers), torch.cat(used_all)
 
 
+class SymmetryMean(torch.nn.Module):
+    """A maze model that solves each maze as `views` of its 8 square symmetries at once (data.symmetry: turns,
+    then a transpose) and answers with the mean of their probabilities, each mapped back to the maze as given:
+    test-time augmentation, at `views` times the compute. Called like the model; its state holds every maze's views
+    together, (B, views, ...), so run_adaptive can drop a maze that has stopped as it does with the plain model."""
+
+    def __init__(self, model, views):
+        super().__init__()
+        self.model, self.views, self.cfg = model, views, model.cfg
+
+    @property
+    def controller(self):
+        return self.model.controller
+
+    def forward(self, x, state=None, grid=None, **kwargs):
+        B, N = x.shape
+        n, V = grid[0], self.views
+        views = torch.stack([data.symmetric_tokens(x, n, k) for k in range(V)], 1)  # (B, V, N)
+        if state is not None:
+            state = {k: v.flatten(0, 1) for k, v in state.items()}
+        out = self.model(views.flatten(0, 1), state=state, grid=grid, **kwargs)
+        logp = out["logits"].float().log_softmax(-1).unflatten(0, (B, V))
+        back = torch.stack([data.from_symmetric(logp[:, k], n, k) for k in range(V)], 1)
+        mean = back.logsumexp(1) - math.log(V)  # the log of the mean probability
+        return {**out, "logits": mean, "state": {k: v.unflatten(0, (B, V)) for k, v in out["state"].items()}}
+
+
 def parse_segments(text):
     """--segments as given: None (unset), "auto", or a count >= 1 as an int; anything else ends in one line (this
     tool's and sample_maze.py's flag)."""
@@ -132,6 +160,9 @@ def get_parser():
                    "the run's, e.g. 3 (pools 9-11): mazes for choosing a setting, never the test mazes reported")
     p.add_argument("--by-distance", type=int, default=None, metavar="MOVES",
                    help="mazes: also print the answers' cell accuracy in bands of this many moves from the goal")
+    p.add_argument("--symmetries", type=int, default=1, metavar="V",
+                   help="mazes: solve each maze as V of its 8 symmetric images (turned, mirrored) and decode the "
+                        "mean of their answers, at V times the compute; 1: the maze as given")
     p.add_argument("--plot", default=None, help="mazes: draw reach and optimal against segments into this PNG")
     p.add_argument("--out", default=None, help="write the result here as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar for --segments auto")
@@ -140,9 +171,9 @@ def get_parser():
 
 def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, data_dir=None,
           batch_size=64, device="cpu", ablate=None, generator=None, gen_kwargs=None, by_distance=None,
-          data_seed=None, progress=False):
-    """Returns {"task", "inner_steps", "segments", "temperature", "ablate", "n_test", **final segment metrics,
-    "per_segment": [...], "routing": last segment's per-step head usage or None, "chance": {...}}; with
+          data_seed=None, progress=False, symmetries=1):
+    """Returns {"task", "inner_steps", "segments", "symmetries", "temperature", "ablate", "n_test", **final segment
+    metrics, "per_segment": [...], "routing": last segment's per-step head usage or None, "chance": {...}}; with
     segments="auto" also "segments_used" (mean), "segments_max", "segment_cap" and "segments_per_item", and
     per_segment holds the one set of metrics of the answers where each item stopped; with by_distance (mazes) also
     "by_distance", data.accuracy_by_distance of the answers (the last segment's, or where each item stopped)."""
@@ -165,6 +196,10 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
         raise ValueError("--generator applies to maze tasks only")
     if by_distance and not task_name.startswith("maze"):
         raise ValueError("--by-distance applies to maze tasks only")
+    if symmetries != 1 and not task_name.startswith("maze"):
+        raise ValueError("--symmetries applies to maze tasks only")
+    if not 1 <= symmetries <= 8:
+        raise ValueError(f"--symmetries must be 1 to 8, got {symmetries}")
     n_test = n_test or (config.get("n_test") if same else 1000)  # None: the task's own default, as train.py
     task = data.make_task(task_name, seed=seed, n_train=config.get("n_train") if same else 100,
                           n_val=config.get("n_val") if same else 0, n_test=n_test,
@@ -183,6 +218,8 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
     temperature = train.checkpoint_temperature(ckpt)  # the temperature it trained at when it was saved
     x, y = task.split("test")
     extra = {}
+    if symmetries > 1:
+        model = SymmetryMean(model, symmetries)
     if segments == "auto":
         cap = segment_cap(task.grid, model.cfg.n_layers, inner_steps)
         logits, used = run_adaptive(model, task, x, inner_steps, temperature, cap, batch_size=batch_size,
@@ -204,7 +241,8 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
             "inner_steps": inner_steps,
             "generator": (data.generator_name(generator, gen_kwargs) if generator else config.get("mazes", data.GENERATOR))
             if task_name.startswith("maze") else None,
-            "segments": segments, "temperature": temperature, "ablate": ablate, "n_test": len(x), **per_seg[-1],
+            "segments": segments, "symmetries": symmetries, "temperature": temperature, "ablate": ablate,
+            "n_test": len(x), **per_seg[-1],
             "per_segment": per_seg, "routing": routing, "chance": chance, **extra}
 
 
@@ -224,13 +262,15 @@ def main(argv=None):
         result = score(args.checkpoint, args.task, args.inner_steps, args.segments, args.n_test, args.data_dir,
                        args.batch_size, train.pick_device(args.device), args.ablate_routing, args.generator,
                        gen_kwargs or None, args.by_distance, args.data_seed,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, symmetries=args.symmetries)
     except (FileNotFoundError, ValueError) as exc:  # ValueError: also an argument the generator does not take
         raise SystemExit(f"error: {exc}") from None
     print(f"{result['checkpoint']} (step {result['step']}) on {result['task']}"
           + (f" ({result['generator']})" if result["generator"] else "") + f": {result['n_test']} test items, "
           f"{result['segments']} segments x {result['inner_steps']} inner steps, temperature "
-          f"{result['temperature']:.3f}" + (f", routing ablated: {args.ablate_routing}" if args.ablate_routing else ""))
+          f"{result['temperature']:.3f}"
+          + (f", mean of {args.symmetries} symmetric views" if args.symmetries > 1 else "")
+          + (f", routing ablated: {args.ablate_routing}" if args.ablate_routing else ""))
     if result["segments"] == "auto":
         print(f"  segments used: mean {result['segments_used']:.2f}, max {result['segments_max']} "
               f"(cap {result['segment_cap']}, an item stops when its answer (a maze: its path) is unchanged for "

@@ -2119,6 +2119,58 @@ def test_segments_auto_stops_a_stable_answer_and_runs_a_changing_one_to_the_cap(
         evaluate.main([str(maze_run), "--segments", "many"])
 
 
+def test_symmetric_views_move_tokens_and_answers_both_ways(maze8):
+    x, y = maze8.split("val")
+    multi_hot = lambda labels: ((labels.clamp(min=0)[..., None] >> torch.arange(5)) & 1).float()
+    for k in range(8):
+        o, s, g = data.symmetry(maze8.pools["val"]["open"], maze8.pools["val"]["start"], maze8.pools["val"]["goal"], k)
+        seen = data.symmetric_tokens(x, 8, k)
+        assert torch.equal(seen, torch.from_numpy(data.encode(o, s, g)))
+        # the right moves of the maze seen under k, mapped back, are the right moves of the maze as given
+        y_seen = torch.from_numpy(np.stack([data.labels(*m) for m in zip(o, map(tuple, s), map(tuple, g))]))
+        assert torch.equal(data.from_symmetric(multi_hot(y_seen), 8, k), multi_hot(y))
+        # on-path scores (two classes) move with their cells only
+        on_path = lambda mazes: (torch.from_numpy(np.stack([data.labels(*m, target="path") for m in mazes]))[..., None]
+                                 >> torch.arange(2) & 1)
+        seen_path = on_path(zip(o, map(tuple, s), map(tuple, g))).float()
+        assert torch.equal(data.from_symmetric(seen_path, 8, k), on_path(pool_mazes(maze8)).float())
+
+
+def test_symmetry_mean_answers_a_turned_maze_as_the_maze_itself_over_carried_segments(maze8, maze_run):
+    model = tiny_maze_model("hrm", R=2, T=2).eval()
+    x = maze8.split("val")[0][:6]
+    ens = evaluate.SymmetryMean(model, 8)
+    kw = dict(grid=(8, 8), n_steps=2, temperature=1.0)
+
+    def segments(net, xs, k=0):  # each segment's answers, mapped back from view k
+        state, out = None, []
+        for _ in range(3):
+            o = net(xs, state=state, **kw)
+            state = o["state"]
+            out.append(data.from_symmetric(o["logits"].log_softmax(-1), 8, k))
+        return out, state
+
+    base, state = segments(ens, x)
+    assert state["h"].shape[:2] == (6, 8)  # every maze's views held together, so a stopped maze can leave the batch
+    plain = segments(model, x)[0]
+    for k in (1, 4, 6):
+        turned = segments(ens, data.symmetric_tokens(x, 8, k), k)[0]
+        for a, b in zip(turned, base):  # the same 8 views in another order: the same answers, segment by segment
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        # the plain model sees a turned maze differently (so the check above can fail)
+        assert (segments(model, data.symmetric_tokens(x, 8, k), k)[0][-1] - plain[-1]).abs().max() > 1e-2
+    one = evaluate.SymmetryMean(model, 1)(x, **kw)["logits"]
+    torch.testing.assert_close(one, model(x, **kw)["logits"].log_softmax(-1))
+    # the answers are probabilities' logs: mean probabilities sum to 1 per cell
+    torch.testing.assert_close(base[0].exp().sum(-1), torch.ones(6, 64))
+    # through the command line: recorded, and bad values stop with one line
+    result = evaluate.main([str(maze_run), "--n-test", "8", "--segments", "auto", "--symmetries", "4",
+                            "--no-progress"])
+    assert result["symmetries"] == 4 and 0 <= result["optimal"] <= 1 and len(result["segments_per_item"]) == 8
+    with pytest.raises(SystemExit, match="--symmetries must be 1 to 8"):
+        evaluate.main([str(maze_run), "--symmetries", "9"])
+
+
 class FlickeringMazeAnswers(nn.Module):
     """A stand-in maze model for --segments auto: answers each maze (looked up by its tokens) with fixed logits,
     except one cell whose best move turns every segment (the segment count is carried in the state)."""
