@@ -147,7 +147,8 @@ def get_parser():
     p.add_argument("--n-test", type=int, default=None, help="test items (default: as many as the run was tested on "
                    "for its own task: 1,000 mazes, 10,000 sorts, all 2,077 sentences; 1,000 for another size)")
     p.add_argument("--data-dir", default=None, help="where generated maze sets are cached (default: the run's)")
-    p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
+    p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (with --symmetries V: "
+                   "views, so batch-size / V mazes)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--ablate-routing", default=None, choices=ABLATIONS,
                    help="replace the controller's head weights: uniform (all heads), shuffle (another token's "
@@ -218,8 +219,8 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
     temperature = train.checkpoint_temperature(ckpt)  # the temperature it trained at when it was saved
     x, y = task.split("test")
     extra = {}
-    if symmetries > 1:
-        model = SymmetryMean(model, symmetries)
+    if symmetries > 1:  # batch_size mazes' views per model call (batch_size // V mazes), not V times as many
+        model, batch_size = SymmetryMean(model, symmetries), max(1, batch_size // symmetries)
     if segments == "auto":
         cap = segment_cap(task.grid, model.cfg.n_layers, inner_steps)
         logits, used = run_adaptive(model, task, x, inner_steps, temperature, cap, batch_size=batch_size,
