@@ -13,6 +13,7 @@ Every task maps a grid of input tokens to one class per token and scores logits 
 
 Tests: python -m pytest -q test_all.py -k "maze or sort"
 """
+import functools
 import os
 import random
 import re
@@ -233,6 +234,7 @@ def symmetry(open_sides, start, goal, k):
     return o, np.ascontiguousarray(s), np.ascontiguousarray(g)
 
 
+@functools.lru_cache(maxsize=64)
 def symmetry_maps(n, k):
     """Symmetry k of an n x n maze as index maps: cells (N,) and moves (4,), where view cell j is original cell
     cells[j] and view move d is original move moves[d] (the same for every cell)."""
@@ -243,8 +245,8 @@ def symmetry_maps(n, k):
 
 def symmetric_tokens(x, n, k):
     """Tokens x (B, n*n) of mazes -> the tokens of their image under symmetry k (torch, on x's device)."""
-    cells, moves = (t.to(x.device) for t in symmetry_maps(n, k))
-    t = x[:, cells]
+    cells, moves = symmetry_maps(n, k)  # (cached: do not change them in place)
+    t = x[:, cells.to(x.device)]
     bits = sum(((t >> m) & 1) << d for d, m in enumerate(moves.tolist()))
     return bits + 16 * (t // 16)
 

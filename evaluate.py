@@ -103,7 +103,9 @@ class SymmetryMean(torch.nn.Module):
     """A maze model that solves each maze as `views` of its 8 square symmetries at once (data.symmetry: turns,
     then a transpose) and answers with the mean of their probabilities, each mapped back to the maze as given:
     test-time augmentation, at `views` times the compute. Called like the model; its state holds every maze's views
-    together, (B, views, ...), so run_adaptive can drop a maze that has stopped as it does with the plain model."""
+    together, (B, views, ...), so run_adaptive can drop a maze that has stopped as it does with the plain model.
+    Views k = 0..views-1: 4 are the quarter turns, 8 add their mirror images. For scoring only: the logits and the
+    state are mapped, not the loss or a trace, so it takes no labels and no trace."""
 
     def __init__(self, model, views):
         super().__init__()
@@ -114,6 +116,8 @@ class SymmetryMean(torch.nn.Module):
         return self.model.controller
 
     def forward(self, x, state=None, grid=None, **kwargs):
+        if kwargs.get("y") is not None or kwargs.get("trace"):
+            raise ValueError("SymmetryMean scores mazes; it takes no labels and no trace")
         B, N = x.shape
         n, V = grid[0], self.views
         views = torch.stack([data.symmetric_tokens(x, n, k) for k in range(V)], 1)  # (B, V, N)
@@ -162,8 +166,9 @@ def get_parser():
     p.add_argument("--by-distance", type=int, default=None, metavar="MOVES",
                    help="mazes: also print the answers' cell accuracy in bands of this many moves from the goal")
     p.add_argument("--symmetries", type=int, default=1, metavar="V",
-                   help="mazes: solve each maze as V of its 8 symmetric images (turned, mirrored) and decode the "
-                        "mean of their answers, at V times the compute; 1: the maze as given")
+                   help="mazes: solve each maze as V of its 8 symmetric images (4: the quarter turns; 8: and "
+                        "their mirror images) and decode the mean of their answers, at V times the compute; 1: the "
+                        "maze as given")
     p.add_argument("--plot", default=None, help="mazes: draw reach and optimal against segments into this PNG")
     p.add_argument("--out", default=None, help="write the result here as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar for --segments auto")
@@ -197,10 +202,10 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
         raise ValueError("--generator applies to maze tasks only")
     if by_distance and not task_name.startswith("maze"):
         raise ValueError("--by-distance applies to maze tasks only")
-    if symmetries != 1 and not task_name.startswith("maze"):
-        raise ValueError("--symmetries applies to maze tasks only")
     if not 1 <= symmetries <= 8:
         raise ValueError(f"--symmetries must be 1 to 8, got {symmetries}")
+    if symmetries != 1 and not task_name.startswith("maze"):
+        raise ValueError("--symmetries applies to maze tasks only")
     n_test = n_test or (config.get("n_test") if same else 1000)  # None: the task's own default, as train.py
     task = data.make_task(task_name, seed=seed, n_train=config.get("n_train") if same else 100,
                           n_val=config.get("n_val") if same else 0, n_test=n_test,

@@ -2167,6 +2167,11 @@ def test_symmetry_mean_answers_a_turned_maze_as_the_maze_itself_over_carried_seg
     result = evaluate.main([str(maze_run), "--n-test", "8", "--segments", "auto", "--symmetries", "4",
                             "--no-progress"])
     assert result["symmetries"] == 4 and 0 <= result["optimal"] <= 1 and len(result["segments_per_item"]) == 8
+    fixed = evaluate.main([str(maze_run), "--n-test", "8", "--segments", "2", "--symmetries", "8",
+                           "--batch-size", "16"])  # the fixed-segments path (train.evaluate), 2 mazes per call
+    assert fixed["symmetries"] == 8 and len(fixed["per_segment"]) == 2 and 0 <= fixed["optimal"] <= 1
+    with pytest.raises(ValueError, match="no labels"):
+        ens(x, y=torch.zeros_like(x), **kw)
     with pytest.raises(SystemExit, match="--symmetries must be 1 to 8"):
         evaluate.main([str(maze_run), "--symmetries", "9"])
 
