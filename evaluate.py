@@ -118,8 +118,7 @@ class SymmetryMean(torch.nn.Module):
     def forward(self, x, state=None, grid=None, **kwargs):
         if kwargs.get("y") is not None or kwargs.get("trace"):
             raise ValueError("SymmetryMean scores mazes; it takes no labels and no trace")
-        B, N = x.shape
-        n, V = grid[0], self.views
+        B, n, V = len(x), grid[0], self.views
         views = torch.stack([data.symmetric_tokens(x, n, k) for k in range(V)], 1)  # (B, V, N)
         if state is not None:
             state = {k: v.flatten(0, 1) for k, v in state.items()}

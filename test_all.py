@@ -2136,6 +2136,15 @@ def test_symmetric_views_move_tokens_and_answers_both_ways(maze8):
         assert torch.equal(data.from_symmetric(seen_path, 8, k), on_path(pool_mazes(maze8)).float())
 
 
+class SharpByToken(nn.Module):
+    """A stand-in maze model with sharp answers that depend on how a maze is turned: each cell's class is its token
+    mod 5, at logit 10."""
+    cfg = controller = None
+
+    def forward(self, x, state=None, **kw):
+        return {"logits": 10.0 * F.one_hot(x % 5, 5).float(), "state": {"h": x.float()}}
+
+
 def test_symmetry_mean_answers_a_turned_maze_as_the_maze_itself_over_carried_segments(maze8, maze_run):
     model = tiny_maze_model("hrm", R=2, T=2).eval()
     x = maze8.split("val")[0][:6]
@@ -2163,6 +2172,12 @@ def test_symmetry_mean_answers_a_turned_maze_as_the_maze_itself_over_carried_seg
     torch.testing.assert_close(one, model(x, **kw)["logits"].log_softmax(-1))
     # the answers are probabilities' logs: mean probabilities sum to 1 per cell
     torch.testing.assert_close(base[0].exp().sum(-1), torch.ones(6, 64))
+    # ... the log of the mean probability, not the mean log-probability: views that disagree sharply (a stand-in
+    # scoring each cell by its token) tell the two apart
+    sharp = SharpByToken()
+    mean_p = torch.stack([data.from_symmetric(sharp(data.symmetric_tokens(x, 8, k))["logits"].softmax(-1), 8, k)
+                          for k in range(8)]).mean(0)
+    torch.testing.assert_close(evaluate.SymmetryMean(sharp, 8)(x, grid=(8, 8))["logits"], mean_p.log())
     # through the command line: recorded, and bad values stop with one line
     result = evaluate.main([str(maze_run), "--n-test", "8", "--segments", "auto", "--symmetries", "4",
                             "--no-progress"])
