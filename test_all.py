@@ -670,6 +670,7 @@ def test_two_step_training_run_writes_config_checkpoint_log_and_test(tmp_path, t
     run = tmp_path / "run"
     config = json.loads((run / "config.json").read_text())
     assert config["controller"] == controller and config["model"]["grad"] == grad
+    assert config["env"]["torch"] == torch.__version__ and config["env"]["threads"] == torch.get_num_threads()
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["model_args"]["controller"] == controller
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

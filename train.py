@@ -23,6 +23,7 @@ import ctypes.util
 import json
 import math
 import os
+import platform
 import signal
 import sys
 import threading
@@ -365,6 +366,19 @@ def checkpoint_temperature(ckpt):
     if ckpt.get("temperature") is not None:
         return ckpt["temperature"]
     return train_temperature(ckpt.get("config") or {"temp_start": 2.0, "temp_end": 1.0, "temp_floor": 0.0}, None)
+
+
+def run_env():
+    """What a run's numbers may depend on besides its flags, for config.json: the same seed may train to another model
+    under another torch, thread count or CPU, which can add floats in another order."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu,
+            "python": platform.python_version()}
 
 
 def checkpoint_inner_steps(ckpt, model):
@@ -856,7 +870,8 @@ def run(args):
     if r.master:
         os.makedirs(args.out_dir, exist_ok=True)
         with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-            json.dump({**vars(args), "model": asdict(r.cfg), "world_size": world, "device": str(device)}, f, indent=2)
+            json.dump({**vars(args), "model": asdict(r.cfg), "world_size": world, "device": str(device),
+                       "env": run_env()}, f, indent=2)
         if args.resume:
             trim_log(os.path.join(args.out_dir, "metrics.jsonl"), r.step)
     log_file = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if r.master else None
