@@ -176,7 +176,7 @@ def main(argv=None):
         raise SystemExit(f"error: {exc}") from None
     if a.probe:
         return peak_memory_probe(a.task, int(a.probe[0]), a.probe[1], device, a.batch_size)
-    results = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "task": a.task}
+    results = {"device": str(device), **train.run_env(), "task": a.task}  # torch, threads, CPU, Python
 
     print(f"1. training throughput, {a.task} default shape, {device}")
     step_s = {}
