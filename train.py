@@ -7,9 +7,9 @@ Train a recurrent PoH model on a maze or sorting task, evaluate it, and save the
     python train.py --task maze12 --mazes loops --init-from runs/maze12-hrm-s0   # fine-tune a trained model
     torchrun --standalone --nproc_per_node=2 train.py --task sort12   # several processes (gloo on CPU, nccl on CUDA)
 
-A run leaves in --out-dir: config.json (every resolved flag), ckpt.pt (latest state, for --resume), best.pt (the
-weights with the best validation score), metrics.jsonl (one JSON object per log line), test.json (the test
-metrics of the best checkpoint, measured once at the end) and curves.png (plots.plot_run of the log).
+A run leaves in --out-dir: config.json (every resolved flag and run_env()), ckpt.pt (latest state, for --resume),
+best.pt (the weights with the best validation score), metrics.jsonl (one JSON object per log line), test.json (the
+test metrics of the best checkpoint, measured once at the end) and curves.png (plots.plot_run of the log).
 
 Each batch is run for --segments segments of R inner steps (HRM-style deep supervision): after each segment the
 loss is backpropagated and the optimizer steps, and the state (h, z_L, z_H) carries over, detached. The step
@@ -371,13 +371,13 @@ def checkpoint_temperature(ckpt):
 def run_env():
     """What a run's numbers may depend on besides its flags, for config.json: the same seed may train to another model
     under another torch, thread count or CPU, which can add floats in another order."""
-    cpu = platform.processor()
-    try:
+    cpu = None
+    try:  # Linux names the CPU here; platform.processor() (which runs `uname -p`) only where it cannot
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
     except OSError:
         pass
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu,
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu or platform.processor(),
             "python": platform.python_version()}
 
 
