@@ -25,6 +25,7 @@ taken where the item stopped, and the segments used are reported (mean, max, per
 import argparse
 import json
 import math
+import os
 
 import torch
 from tqdm import tqdm
@@ -157,7 +158,7 @@ def get_parser():
                    help="replace the controller's head weights: uniform (all heads), shuffle (another token's "
                         "weights, same sample) or fixed (the most common head set for every token)")
     p.add_argument("--generator", default=None, help="mazes: score on mazes of this maze-dataset generator "
-                   "(e.g. gen_dfs_percolation, gen_wilson; default: the training data's, gen_dfs)")
+                   "(e.g. gen_dfs, gen_dfs_percolation, gen_wilson; default: the run's training mix, its --mazes)")
     p.add_argument("--gen-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="an argument of --generator, e.g. p=0.1 (loop density of gen_dfs_percolation); repeatable")
     p.add_argument("--data-seed", type=int, default=None, help="score on the pools of this data seed instead of "
@@ -168,7 +169,8 @@ def get_parser():
                    help="mazes: solve each maze as V of its 8 symmetric images (4: the quarter turns; 8: and "
                         "their mirror images) and decode the mean of their answers, at V times the compute; 1: the "
                         "maze as given")
-    p.add_argument("--plot", default=None, help="mazes: draw reach and optimal against segments into this PNG")
+    p.add_argument("--plot", default=None, help="mazes, a fixed --segments: draw reach and optimal against "
+                   "segments into this PNG")
     p.add_argument("--out", default=None, help="write the result here as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar for --segments auto")
     return p
@@ -177,8 +179,9 @@ def get_parser():
 def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, data_dir=None,
           batch_size=64, device="cpu", ablate=None, generator=None, gen_kwargs=None, by_distance=None,
           data_seed=None, progress=False, symmetries=1):
-    """Returns {"task", "inner_steps", "segments", "symmetries", "temperature", "ablate", "n_test", **final segment
-    metrics, "per_segment": [...], "routing": last segment's per-step head usage or None, "chance": {...}}; with
+    """Returns {"checkpoint" (the file scored), "step", "task", "data_seed", "inner_steps", "generator" (mazes: the
+    kind scored, else None), "segments", "symmetries", "temperature", "ablate", "n_test", **final segment metrics,
+    "per_segment": [...], "routing": last segment's per-step head usage or None, "chance": {...}}; with
     segments="auto" also "segments_used" (mean), "segments_max", "segment_cap" and "segments_per_item", and
     per_segment holds the one set of metrics of the answers where each item stopped; with by_distance (mazes) also
     "by_distance", data.accuracy_by_distance of the answers (the last segment's, or where each item stopped)."""
@@ -199,6 +202,8 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
     same = task_name == own and generator is None and seed == run_seed
     if generator is not None and not task_name.startswith("maze"):
         raise ValueError("--generator applies to maze tasks only")
+    if data_seed is not None and task_name == "ud_ewt":
+        raise ValueError("--data-seed: ud_ewt has one fixed dev and test set; there are no other pools to score")
     if by_distance and not task_name.startswith("maze"):
         raise ValueError("--by-distance applies to maze tasks only")
     if not 1 <= symmetries <= 8:
@@ -226,6 +231,8 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
     if symmetries > 1:  # batch_size mazes' views per model call (batch_size // V mazes), not V times as many
         model, batch_size = SymmetryMean(model, symmetries), max(1, batch_size // symmetries)
     if segments == "auto":
+        if task.grid is None:
+            raise ValueError(f"--segments auto sets its cap from the grid, and {task_name} has none; pass a count")
         cap = segment_cap(task.grid, model.cfg.n_layers, inner_steps)
         logits, used = run_adaptive(model, task, x, inner_steps, temperature, cap, batch_size=batch_size,
                                     device=device, ablate=ablate, progress=progress)
@@ -256,9 +263,18 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     args.segments = parse_segments(args.segments)
     for flag, value in (("--inner-steps", args.inner_steps), ("--n-test", args.n_test),
-                        ("--by-distance", args.by_distance)):
+                        ("--by-distance", args.by_distance), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise SystemExit(f"error: {flag} must be >= 1, got {value}")
+    if args.plot and args.segments == "auto":
+        raise SystemExit("error: --plot draws the scores after each of a fixed number of segments; with --segments "
+                         "auto each maze stops at its own segment, so pass a count")
+    for flag, path in (("--out", args.out), ("--plot", args.plot)):  # before the scoring, which can take an hour
+        try:
+            if path:
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        except OSError as exc:
+            raise SystemExit(f"error: {flag}: cannot make the folder of {path} ({exc.strerror})") from None
     try:
         gen_kwargs = data.parse_gen_args(args.gen_arg)
     except ValueError as exc:
@@ -293,13 +309,18 @@ def main(argv=None):
     if result["chance"]:
         what = "chance (random scores, same rollout)" if result["task"].startswith("maze") else "reference (hidden at 0)"
         print(f"  {what}: " + " ".join(f"{k} {v:.4f}" for k, v in result["chance"].items()))
-    if args.plot and result["task"].startswith("maze") and result["segments"] != "auto":
-        import plots  # here: matplotlib only when a picture is asked for
-        title = f"{result['task']} ({result['generator']}), {result['n_test']} mazes"
-        print(f"wrote {plots.segments_plot(result['per_segment'], args.plot, title)}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    try:
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
+        if args.plot and result["task"].startswith("maze"):
+            import plots  # here: matplotlib only when a picture is asked for
+            title = f"{result['task']} ({result['generator']}), {result['n_test']} mazes"
+            print(f"wrote {plots.segments_plot(result['per_segment'], args.plot, title)}")
+    except OSError as exc:
+        raise SystemExit(f"error: cannot write {exc.filename} ({exc.strerror})") from None
+    if args.plot and not result["task"].startswith("maze"):
+        raise SystemExit(f"error: --plot draws mazes' reach and optimal; {result['task']} is not a maze task")
     return result
 
 

@@ -46,7 +46,7 @@ def score_keys(val, test):
     """The held-out metrics to plot: numeric entries of the validation records (and of the test record, when
     there is one), without bookkeeping such as steps, timings and the per-segment lists."""
     skip = {"step", "split", "steps_used", "n_test", "per_segment", "train_seconds", "temperature", "head_min",
-            "modal_max"}
+            "modal_max", "unique"}  # unique: the share of mazes with one shortest path, a property of the data
     keys = [k for k, v in val[0].items() if k not in skip and isinstance(v, (int, float))] if val else []
     return [k for k in keys if k in test[-1]] if test else keys
 
@@ -82,8 +82,8 @@ def plot_run(run_dir, out_png=None):
     ax = axes[2]
     if train and any(r.get("entropy", 0.0) > 0 for r in train):
         ax.plot(steps, [r["entropy"] for r in train], label="routing entropy (nats)", color="C2")
-    else:  # the `none` controller routes nothing: say so instead of drawing a flat zero line
-        ax.text(0.5, 0.6, "no router (controller none)", ha="center", transform=ax.transAxes)
+    else:  # the `none` and `fixed` controllers route nothing: say so instead of drawing a flat zero line
+        ax.text(0.5, 0.6, "nothing routed (controller none or fixed)", ha="center", transform=ax.transAxes)
     if train and "temperature" in train[0]:
         ax.plot(steps, [r["temperature"] for r in train], label="temperature", color="C3", linestyle="--")
     routed = [r for r in val if "modal_max" in r]
@@ -287,8 +287,11 @@ def main(argv=None):
             for path in args.segments:
                 with open(path) as f:
                     results.append(json.load(f))
-                if not isinstance(results[-1].get("per_segment"), list) or results[-1].get("segments") == "auto":
-                    raise SystemExit(f"error: {path} is not an evaluate.py result with a fixed number of segments")
+                per_segment = results[-1].get("per_segment")
+                if (not isinstance(per_segment, list) or not per_segment or results[-1].get("segments") == "auto"
+                        or "optimal" not in per_segment[0]):
+                    raise SystemExit(f"error: {path} is not an evaluate.py result on mazes with a fixed number of "
+                                     "segments")
             print(f"wrote {segments_curves(results, args.out)}")
         else:
             print(f"wrote {plot_run(args.run_dir, args.out)}")

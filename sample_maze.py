@@ -2,7 +2,7 @@
 Load a trained maze checkpoint, solve fresh mazes, print them as ASCII and draw them.
 
     python sample_maze.py runs/maze12-hrm-s0/best.pt                          # 4 fresh 12x12 mazes
-    python sample_maze.py runs/maze12-hrm-s0 --num-samples 8 --seed 3 --out docs/samples.png
+    python sample_maze.py runs/maze12-hrm-s0 --num-samples 8 --seed 3 --out out/samples.png
     python sample_maze.py runs/maze12-hrm-s0 --grid-n 16 --inner-steps 12     # larger than trained, more steps
     python sample_maze.py runs/maze12-hrm-s0 --show-steps --diag              # refinement strip, routing diagnostics
     python sample_maze.py runs/maze12-hrm-s0 --grid-n 24 --generator gen_dfs_percolation --gen-arg p=0.1  # loops
@@ -10,20 +10,22 @@ Load a trained maze checkpoint, solve fresh mazes, print them as ASCII and draw 
 The checkpoint is a file (best.pt, ckpt.pt) or a run folder (its best.pt). Fresh mazes come from a maze-dataset
 generator (--generator, default DFS; --gen-arg for its arguments) with seed 1,000,000 + --seed, a stream apart
 from the train/val/test pools (seeds 0, 1, 2, ...), and nothing is cached. The model runs as it was evaluated
-in training: the checkpoint's segments (on another grid size: auto, until every answer has held for 3
-segments, as evaluate.py --segments auto), its inner steps, the temperature it trained at when saved, its top-k and
-hard/soft routing.
+in training: the checkpoint's segments (on another grid size: auto, until every maze's answer has held for 3
+segments, up to evaluate.py's cap; evaluate.py --segments auto stops each maze on its own instead, so a maze drawn
+here can run a few segments longer than it was scored), its inner steps, the temperature it trained at when saved,
+its top-k and hard/soft routing.
 
 ASCII legend: walls are + - |, S start, G goal, * predicted path on the true path, x predicted path off the true
 path (a wrong cell), o true path the prediction missed, blank: neither. The true path is a shortest path: the
 predicted one where that reaches the goal as quickly (mazes with loops can have several), else the labels' own,
 so a prediction that follows an equally short rival and stops short shows the rival's cells as x.
 
-Outputs: --out (default <run folder>/samples.png) holds the solved mazes; --show-steps adds <out>_steps.png,
-one panel per inner step for the first maze; --diag prints per inner step the routing entropy, the mean max head
-weight, the temperature, the most used heads and H-UPDATE where the slow module f_H updated (t % T == 0), then
-which heads cells of each kind (start/goal neighbourhood, dead end, corridor, junction) keep, and writes
-<out>_heads.png, the head usage per step.
+Outputs: --out (default <run folder>/samples.png) holds the first 16 solved mazes. --show-steps adds
+<out>_steps.png: the first maze after --max-panels inner steps, evenly spaced over all segments, each labelled
+"seg S t T" (segments from 1, as evaluate.py counts them; inner steps from 0). --diag prints per inner step the
+routing entropy, the mean max head weight, the temperature, the most used heads and H-UPDATE where the slow module
+f_H updated (t % T == 0), then which heads cells of each kind (start/goal neighbourhood, dead end, corridor,
+junction) keep, and writes <out>_heads.png, the head usage per step.
 """
 
 import argparse
@@ -82,14 +84,15 @@ def fresh_mazes(n, count, seed, target, generator=data.GENERATOR, gen_kwargs=Non
 def run_traced(model, x, grid, segments, n_steps, temperature, patience=None):
     """Run `segments` forwards carrying the state, as train.evaluate does, keeping every inner step's trace; with
     `patience`, stop early once every maze's decoded path has reached the goal and not changed for that many
-    segments (segments is then the cap, as in evaluate.py --segments auto). Returns the final logits (B, N, C) and
-    a list of per-step dicts with 'seg' and 't' added (the segments run: steps[-1]['seg'] + 1)."""
+    segments (segments is then the cap, as in evaluate.py --segments auto, which stops each maze on its own). Returns
+    the final logits (B, N, C) and a list of per-step dicts with 'seg' (from 1) and 't' (from 0) added (the segments
+    run: steps[-1]['seg'])."""
     model.eval()
     state, steps, previous, calm = None, [], None, 0
     for s in range(segments):
         out = model(x, state=state, temperature=temperature, grid=grid, n_steps=n_steps, trace=True)
         state = out["state"]
-        steps += [{"seg": s, "t": t, **step} for t, step in enumerate(out["trace"])]
+        steps += [{"seg": s + 1, "t": t, **step} for t, step in enumerate(out["trace"])]
         if patience is None:
             continue
         answer = data.decoded_paths(out["logits"], x)  # as evaluate.py --segments auto watches each maze
@@ -102,10 +105,11 @@ def run_traced(model, x, grid, segments, n_steps, temperature, patience=None):
 
 def step_diagnostics(steps, top=2):
     """Per inner step: routing entropy, mean max head weight, head usage (mean alpha per head), the `top` most
-    used heads and the slow-module update (1.0 / 0.0, or the learned gate). Empty for the `none` controller."""
+    used heads and the slow-module update (1.0 / 0.0, or the learned gate). Empty where nothing is routed: the `none`
+    controller (no head weights) and `fixed` (the same heads for every token, no router probabilities)."""
     rows = []
     for s in steps:
-        if s["alpha"] is None:
+        if s["alpha"] is None or s["p"] is None:
             return []
         usage = s["alpha"].float().mean((0, 1))  # (H,): mean weight over mazes and cells
         rows.append({"seg": s["seg"], "t": s["t"], "entropy": float(routing_entropy(s["p"])),
@@ -185,7 +189,7 @@ def get_parser():
     p = argparse.ArgumentParser(description="Solve and draw fresh mazes with a trained checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("ckpt", help="checkpoint file, or a run folder (uses its best.pt)")
-    p.add_argument("--num-samples", type=int, default=4, help="fresh mazes to solve")
+    p.add_argument("--num-samples", type=int, default=4, help="fresh mazes to solve (the picture: the first 16)")
     p.add_argument("--seed", type=int, default=0, help="which fresh mazes (generator seed 1,000,000 + seed)")
     p.add_argument("--grid-n", type=int, default=None, help="maze side (default: the trained size)")
     p.add_argument("--generator", default=data.GENERATOR, help="maze-dataset generator of the fresh mazes, e.g. "
@@ -207,8 +211,10 @@ def get_parser():
 def main(argv=None):
     train.keep_freed_memory()
     args = get_parser().parse_args(argv)
-    if args.num_samples < 1:
-        raise SystemExit("error: --num-samples must be >= 1")
+    for flag, value, least in (("--num-samples", args.num_samples, 1), ("--grid-n", args.grid_n, 3),
+                               ("--inner-steps", args.inner_steps, 1), ("--max-panels", args.max_panels, 1)):
+        if value is not None and value < least:
+            raise SystemExit(f"error: {flag} must be >= {least}, got {value}")
     try:
         gen_kwargs = data.parse_gen_args(args.gen_arg)
     except ValueError as exc:
@@ -242,7 +248,7 @@ def main(argv=None):
     logits, steps = run_traced(model, x.to(device), (n, n), cap, n_steps, temperature,
                                patience=evaluate.PATIENCE if segments == "auto" else None)
     if segments == "auto":
-        print(f"ran {steps[-1]['seg'] + 1} segments (every path at the goal and unchanged for {evaluate.PATIENCE} "
+        print(f"ran {steps[-1]['seg']} segments (every path at the goal and unchanged for {evaluate.PATIENCE} "
               f"segments, or the cap)")
     scores = logits.float().cpu().numpy()
     mazes, titles = [], []
@@ -272,7 +278,8 @@ def main(argv=None):
     if args.diag:
         rows = step_diagnostics(steps, top=cfg.top_k)
         if not rows:
-            print("diag: controller none: every head has weight 1/H at every step, nothing is routed")
+            print(f"diag: controller {cfg.controller}: nothing is routed (none: every head at 1/H; fixed: the same "
+                  "heads for every token)")
         else:
             print("\n" + "\n".join(format_diag(rows, temperature, learned_gate=cfg.h_gate == "learned")))
             updated = [i for i, r in enumerate(rows) if r["h_update"] == 1.0 and cfg.h_gate == "fixed"]

@@ -808,7 +808,7 @@ def test_diag_marks_h_update_exactly_where_t_mod_T_is_zero_and_z_H_changes():
     lines = sample_maze.format_diag(rows, temperature=1.0)[1:]
     assert len(rows) == len(lines) == 14
     marked = [(r["seg"], r["t"]) for r, line in zip(rows, lines) if "H-UPDATE" in line]
-    assert marked == [(s, t) for s in range(2) for t in (0, 3, 6)]
+    assert marked == [(s, t) for s in (1, 2) for t in (0, 3, 6)]  # segments counted from 1, as evaluate.py does
     # the markers sit where the slow state really changed, the carried state included (segment 1, t = 0)
     prev = torch.zeros_like(steps[0]["z_H"])
     for s in steps:
@@ -893,6 +893,9 @@ def maze_run(tmp_path_factory):
 
 
 def test_plot_run_writes_a_png_from_the_metrics_log(maze_run, tmp_path):
+    val = plots.read_metrics(str(maze_run))["val"]
+    assert "unique" in val[0] and "unique" not in plots.score_keys(val, [])  # a share of the data, not a score
+    assert {"reach", "optimal"} <= set(plots.score_keys(val, []))
     assert plots.plot_run(str(maze_run)) == str(maze_run / "curves.png")
     assert_png(maze_run / "curves.png")
     plots.main([str(maze_run), "--out", str(tmp_path / "c.png")])
@@ -911,9 +914,11 @@ def test_segments_curves_draws_several_evaluations_and_rejects_auto_results(tmp_
     one = {"task": "maze12", "generator": "gen_dfs", "n_test": 300, "checkpoint": os.path.join("runs", "lft", "s2", "best.pt")}
     assert plots.curve_label(one, True) == "lft/s2: maze12 gen_dfs (300)"
     assert plots.curve_label(one, False) == "maze12 gen_dfs (300)"
-    paths[0].write_text(json.dumps({"task": "maze12", "segments": "auto", "n_test": 3, "per_segment": [{}]}))
-    with pytest.raises(SystemExit, match="fixed number of segments"):
-        plots.main(["--segments", str(paths[0]), "--out", str(tmp_path / "x.png")])
+    for bad in ({"task": "maze12", "segments": "auto", "n_test": 3, "per_segment": [{}]},
+                {"task": "sort12", "segments": 2, "n_test": 3, "per_segment": [{"tau": 0.5}, {"tau": 0.6}]}):
+        paths[0].write_text(json.dumps(bad))
+        with pytest.raises(SystemExit, match="on mazes with a fixed number of segments"):
+            plots.main(["--segments", str(paths[0]), "--out", str(tmp_path / "x.png")])
     with pytest.raises(SystemExit):  # neither a run folder nor --segments
         plots.main([])
 
@@ -1130,6 +1135,25 @@ def test_evaluate_reproduces_test_json_and_scores_larger_mazes_with_more_steps(m
         evaluate.main([str(tmp_path / "nothing.pt")])
 
 
+def test_evaluate_checks_its_outputs_and_flags_before_scoring(maze_run, tmp_path, monkeypatch):
+    """Flags that cannot work, and output paths that cannot be written, end in one line before any scoring (which
+    can take an hour); a missing output folder is made."""
+    monkeypatch.setattr(evaluate, "score", lambda *a, **k: pytest.fail("scored before the flags were checked"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a file where a folder should be
+    for argv, message in [(["--batch-size", "0"], "--batch-size must be >= 1"),
+                          (["--segments", "auto", "--plot", str(tmp_path / "p.png")], "pass a count"),
+                          (["--out", str(blocker / "e.json")], "--out: cannot make the folder")]:
+        with pytest.raises(SystemExit) as exc:
+            evaluate.main([str(maze_run), *argv])
+        assert str(exc.value.code).startswith("error: ") and message in str(exc.value.code)
+    monkeypatch.undo()
+    result = evaluate.main([str(maze_run), "--n-test", "6", "--segments", "2",
+                            "--out", str(tmp_path / "new" / "e.json"), "--plot", str(tmp_path / "pics" / "p.png")])
+    assert json.load(open(tmp_path / "new" / "e.json"))["n_test"] == result["n_test"]
+    assert_png(tmp_path / "pics" / "p.png")
+
+
 def test_evaluate_data_seed_scores_other_pools_than_the_test_set(maze_run):
     own = evaluate.score(str(maze_run), segments=1)
     other = evaluate.score(str(maze_run), segments=1, n_test=12, data_seed=3)
@@ -1232,6 +1256,26 @@ def test_evaluate_scores_a_sort_model_on_its_own_length_and_refuses_another(tmp_
     assert own["task"] == "sort6" and own["n_test"] == 1000 and -1 <= own["tau"] <= 1
     with pytest.raises(SystemExit, match="a sorting model has a fixed length"):
         evaluate.main([str(tmp_path / "run"), "--task", "sort12"])
+    with pytest.raises(SystemExit, match="sort6 is not a maze task"):  # after the JSON is written
+        evaluate.main([str(tmp_path / "run"), "--n-test", "50", "--plot", str(tmp_path / "p.png"),
+                       "--out", str(tmp_path / "e.json")])
+    assert json.load(open(tmp_path / "e.json"))["task"] == "sort6" and not (tmp_path / "p.png").exists()
+
+
+def test_diag_of_an_unrouted_model_is_empty_not_a_crash():
+    x = torch.randint(0, 48, (2, 9), generator=torch.Generator().manual_seed(0))
+    for controller in ("none", "fixed"):  # none: no head weights; fixed: weights but no router probabilities
+        _, steps = sample_maze.run_traced(tiny_maze_model(controller), x, (3, 3), segments=1, n_steps=2,
+                                          temperature=1.0)
+        assert len(steps) == 2 and sample_maze.step_diagnostics(steps) == []
+
+
+@pytest.mark.parametrize("flag, value, least", [("--inner-steps", 0, 1), ("--max-panels", 0, 1), ("--grid-n", 2, 3),
+                                               ("--num-samples", -1, 1)])
+def test_sample_maze_bad_counts_give_one_line_errors(maze_run, flag, value, least):
+    with pytest.raises(SystemExit) as exc:
+        sample_maze.main([str(maze_run), flag, str(value)])
+    assert str(exc.value.code) == f"error: {flag} must be >= {least}, got {value}"
 
 
 def test_sample_maze_missing_or_foreign_checkpoint_gives_one_line_error(tmp_path, capsys):
@@ -2227,9 +2271,9 @@ def test_segments_auto_on_mazes_waits_for_the_decoded_path_not_for_every_cell():
     # sample_maze.py's auto: the whole batch stops once every maze's path has held, else it runs to the cap
     for batch, ran in [(x[:1], 3), (x, 10)]:
         _, steps = sample_maze.run_traced(model, batch, (3, 3), 10, 1, 1.0, patience=2)
-        assert steps[-1]["seg"] + 1 == ran
+        assert steps[-1]["seg"] == ran
     _, steps = sample_maze.run_traced(model, x[:1], (3, 3), 5, 1, 1.0)  # a fixed count runs every segment
-    assert steps[-1]["seg"] + 1 == 5
+    assert steps[-1]["seg"] == 5
 
 
 def test_every_entry_point_keeps_freed_memory_first(monkeypatch, tmp_path):
@@ -2344,6 +2388,11 @@ def test_two_step_parsing_run_on_the_sample_prints_uas_and_las(ud_sample_dir, tm
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model"]["output"] == "biaffine" and config["model"]["pad_token"] == 0
     assert config["model"]["top_k"] == 2 and config["top_k"] == 2  # the parsing recipe keeps all (here 2) heads
+    if controller == "hrm":  # evaluate.py flags that have no meaning for parsing end in one line
+        for argv, message in [(["--segments", "auto"], "ud_ewt has none; pass a count"),
+                              (["--data-seed", "3"], "one fixed dev and test set")]:
+            with pytest.raises(SystemExit, match=message):
+                evaluate.main([str(tmp_path / "run"), *argv])
 
 
 def test_padding_never_changes_the_parsers_scores_for_the_real_words(ud_sample_dir):
