@@ -9,7 +9,8 @@ Every task maps a grid of input tokens to one class per token and scores logits 
     task = make_task("maze12")       # generates and caches 12,000 mazes in data_cache/ (about 2 min, once)
     x, y = task.train_batch(64, torch.Generator().manual_seed(0))
     x_val, y_val = task.split("val")
-    print(task.metrics(model(x_val), x_val, y_val))   # {"reach": ..., "optimal": ..., "exact": ..., "cell_acc": ...}
+    logits = model(x_val, grid=task.grid)["logits"]  # a model.PoHModel; without grid a maze runs as one row
+    print(task.metrics(logits, x_val, y_val))   # {"reach": ..., "optimal": ..., "exact": ..., "cell_acc": ...}
 
 Tests: python -m pytest -q test_all.py -k "maze or sort"
 """
@@ -570,7 +571,8 @@ class MazeTask:
 
     def train_batch(self, batch_size, gen, min_path_len=0, max_path_len=None):
         """B training mazes drawn with replacement (randomness only from gen), with min_path_len <= path length
-        <= max_path_len (the curriculum filters the cached pool instead of generating on the fly)."""
+        <= max_path_len, lengths in cells, the start and goal included (one more than the moves; the curriculum
+        filters the cached pool instead of generating on the fly)."""
         plen = self.pools["train"]["plen"]
         upper = plen.max() if max_path_len is None else max_path_len
         allowed = np.flatnonzero((plen >= min_path_len) & (plen <= upper))

@@ -1,7 +1,7 @@
 """
 The recurrent PoH model: one small transformer applied R times ("inner steps"), routed by a controller.
 
-    e = embed(x);  h = e;  controller state = zeros
+    e = embed(x);  h = e (detached, before dropout);  controller state = zeros
     for t in 0..R-1:
         alpha_t, state = controller(h + e, state, t)      (B, N, H)   or uniform for controller="none"
         h = blocks(norm(h) + e, alpha_t)                   input injection, then the L PoH blocks
@@ -237,7 +237,8 @@ class PoHModel(nn.Module):
         return self.embed(x)
 
     def init_state(self, x):
-        """The one initial state: h = e (the embedded input), controller state zeros."""
+        """The one initial state: h = e (the embedded input, detached and without dropout: a constant starting
+        point, as the carried state of later segments is), controller state zeros."""
         B, N = x.shape[:2]
         e = self.embed_input(x)
         state = {"h": e.detach().float()}
