@@ -150,7 +150,8 @@ def get_parser():
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="train.py --seed values")
     p.add_argument("--sweep", nargs="+", default=None, metavar="FLAG VALUE",
                    help="a train.py flag name (no dashes, e.g. R) and the values to sweep")
-    p.add_argument("--metric", default=None, help="metric for the sweep plot (default tau for sort, optimal for maze)")
+    p.add_argument("--metric", default=None, help="metric for the sweep plot (default tau for sort, las for "
+                   "ud_ewt, optimal for maze)")
     p.add_argument("--root", default=None, help="folder of the runs (default runs/ab-<task>[-<flag>])")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 is much "
                    "faster for tiny models on a busy machine, where threads of several processes fight for cores")
@@ -180,6 +181,8 @@ def main(argv=None):
             raise SystemExit(f"error: --sweep {flag}: not a train.py flag that takes a value")
         if not sweep_values:
             raise SystemExit(f"error: --sweep {flag} needs at least one value")
+        if f"--{flag}" in OWNED and flag != "task":  # a second --seed would override the run's own
+            raise SystemExit(f"error: --sweep {flag}: ab.py sets --{flag} for every run; use its own flags instead")
     root = args.root or os.path.join("runs", f"ab-{args.task}" + (f"-{flag}" if args.sweep else ""))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -205,7 +208,9 @@ def main(argv=None):
         if ref:
             print(ref)
     if args.sweep:
-        metric = args.metric or ("tau" if rows[0]["task"].startswith("sort") else "optimal")
+        metric = args.metric or {"sort": "tau", "parse": "las"}.get(train.task_kind(rows[0]["task"]), "optimal")
+        if metric not in rows[0]:  # results.csv is already written: only the plot is missing
+            raise SystemExit(f"error: --metric {metric}: the runs report {', '.join(metric_names(rows))}")
         print(f"\nwrote {plots.sweep_plot(rows, flag, metric, os.path.join(root, f'sweep_{flag}_{metric}.png'))}")
     return rows
 

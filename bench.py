@@ -25,6 +25,7 @@ Benchmarks of the model and the training step on this machine: prints a table an
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -174,8 +175,17 @@ def main(argv=None):
         device = pick_device(a.device)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
+    if not re.fullmatch(r"maze\d+|sort\d+(-visible)?", a.task):
+        raise SystemExit(f"error: --task {a.task}: bench.py times maze and sorting shapes (mazeN, sortN)")
     if a.probe:
         return peak_memory_probe(a.task, int(a.probe[0]), a.probe[1], device, a.batch_size)
+    folder = os.path.dirname(a.out) or "."
+    try:  # now, not after minutes of timing
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(f"error: --out {a.out}: {exc.strerror}") from None
+    if not os.access(folder, os.W_OK) or os.path.isdir(a.out):
+        raise SystemExit(f"error: --out {a.out}: cannot write there")
     results = {"device": str(device), **train.run_env(), "task": a.task}  # torch, threads, CPU, Python
 
     print(f"1. training throughput, {a.task} default shape, {device}")
@@ -255,7 +265,7 @@ def main(argv=None):
         print(f"6. time-to-accuracy: default {a.task} hrm recipe for {a.quick:.0f} s of training")
         out_dir = f"runs/bench-quick-{int(time.time())}"
         result = train.main(["--task", a.task, "--time-budget", str(a.quick), "--out-dir", out_dir,
-                             "--no-progress"])
+                             "--device", a.device, "--no-progress"])
         results["quick"] = {"seconds": a.quick, "out_dir": out_dir,
                             **{k: v for k, v in result.items() if k != "per_segment"}}
         metric = "optimal" if task_kind(a.task) == "maze" else "tau"

@@ -26,6 +26,7 @@ batch: keep --n-test small on large mazes. The model never trains here.
 
 import argparse
 import json
+import os
 import statistics
 
 import torch
@@ -168,7 +169,8 @@ def get_parser():
     p.add_argument("--band", type=int, default=40, help="settle, read: moves from the goal per band")
     p.add_argument("--hide", type=int_list, default=[0, 8, 16], help="hide: segments with the goal hidden, "
                    "one run each")
-    p.add_argument("--at", type=int_list, default=[1, 2, 4, 8, 16, 32, 48], help="read, front: the segments read")
+    p.add_argument("--at", type=int_list, default=None, help="read, front: the segments read (default: 1, 2, 4, "
+                   "8, 16, 32, 48, those up to --segments)")
     p.add_argument("--fit-task", default="maze12", help="read: the mazes the read is fitted on")
     p.add_argument("--fit-segments", type=int, default=16, help="read: segments run before the fit")
     p.add_argument("--fit-n", type=int, default=300, help="read: mazes fitted on")
@@ -189,8 +191,15 @@ def main(argv=None):
     for task in (args.task, args.fit_task):
         if not (task.startswith("maze") and task[4:].isdigit()):
             raise SystemExit(f"error: the probes are for mazes (mazeN), got {task}")
-    if args.probe in ("read", "front") and max(args.at) > args.segments:
+    if args.at is None:
+        args.at = [s for s in (1, 2, 4, 8, 16, 32, 48) if s <= args.segments]
+    elif args.probe in ("read", "front") and max(args.at) > args.segments:
         raise SystemExit(f"error: --at {max(args.at)} is beyond --segments {args.segments}")
+    if args.out:  # its folder now, not after the probe has run
+        try:
+            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        except OSError as exc:
+            raise SystemExit(f"error: --out {args.out}: {exc.strerror}") from None
     try:
         gen_kwargs = data.parse_gen_args(args.gen_arg) or None
         probe = load(args.checkpoint)

@@ -730,6 +730,10 @@ def test_save_then_resume_continues_from_the_saved_step(tmp_path):
     (["--R", "0"], "--R must be >= 1"),
     (["--ema", "1"], "--ema must be in [0, 1)"),
     (["--resume"], "no checkpoint"),
+    (["--eval-interval", "0"], "--eval-interval must be >= 1, got 0"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be >= 1, got 0"),
+    (["--n-val", "0"], "--n-val must be >= 1, got 0"),
+    (["--n-test", "-5"], "--n-test must be >= 1, got -5"),
 ])
 def test_bad_flags_give_one_line_errors(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exc:
@@ -740,8 +744,50 @@ def test_bad_flags_give_one_line_errors(tmp_path, capsys, extra, message):
 
 def test_existing_output_folder_needs_resume(tmp_path):
     train.main(tiny_run_args(tmp_path, "sort6"))
-    with pytest.raises(SystemExit, match="already holds a run"):
+    with pytest.raises(SystemExit, match="already holds a run; pass --resume to continue it or pick"):
         train.main(tiny_run_args(tmp_path, "sort6"))
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_starts_again_with_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()  # what a crash before the first evaluation leaves: config.json and training lines, no ckpt.pt
+    (run / "config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "split": "train", "loss": 99.0}) + "\n")
+    with pytest.raises(SystemExit, match="stopped before its first checkpoint: it starts again from step 0"):
+        train.main(tiny_run_args(tmp_path, "sort6"))
+    train.main(tiny_run_args(tmp_path, "sort6", "--resume"))
+    assert "starting again from step 0" in capsys.readouterr().out
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in log] == [(2, "train"), (2, "val"), (2, "test")]  # the old line is gone
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+def test_ctrl_c_during_a_validation_leaves_it_to_resume_which_ends_as_the_uninterrupted_run(tmp_path, monkeypatch,
+                                                                                             one_thread):
+    args = with_flags(tiny_run_args(tmp_path, "sort6"), max_steps=6, out_dir=tmp_path / "a")
+    train.main(args)
+    whole = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    real, calls = train.validate, []
+
+    def validate_then_ctrl_c(*a, **k):  # the second validation (step 4) is logged, then Ctrl-C before the save
+        calls.append(real(*a, **k))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return calls[-1]
+    monkeypatch.setattr(train, "validate", validate_then_ctrl_c)
+    args = with_flags(args, out_dir=tmp_path / "b")
+    with pytest.raises(SystemExit) as exc:
+        train.main(args)
+    assert exc.value.code == 130
+    ckpt = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["pending_eval"]
+    monkeypatch.undo()
+    train.main(args + ["--resume"])
+    resumed = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in resumed] == [(r["step"], r["split"]) for r in whole]  # step 4 once
+    for mine, theirs in zip(resumed, whole):
+        assert mine.get("loss", mine.get("tau")) == pytest.approx(theirs.get("loss", theirs.get("tau")), abs=1e-6)
+    assert not torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["pending_eval"]
 
 
 # ---- looking at runs: sample_maze.py, plots.py, ab.py (issues 5 and 7)
@@ -854,6 +900,16 @@ def test_recipe_controllers_are_matched_within_5_percent_in_parameters(task):
     # the A/B compares hrm, poh and none at the recipe's shape; a wider controller would break the match
     params = {c: bench.make_model(task, c, torch.device("cpu"))[0].num_params() for c in ("hrm", "poh", "none")}
     assert params["none"] < params["poh"] < params["hrm"] <= 1.05 * params["none"], params
+
+
+def test_bench_refuses_a_task_it_cannot_shape_and_an_unwritable_out_before_timing(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "time_steps", lambda *a, **k: pytest.fail("timed before the flags were checked"))
+    (tmp_path / "file").write_text("")
+    for argv, message in [(["--task", "ud_ewt"], "bench.py times maze and sorting shapes"),
+                          (["--out", str(tmp_path / "file" / "b.json")], "--out ")]:
+        with pytest.raises(SystemExit) as exc:
+            bench.main(["--device", "cpu", *argv])
+        assert str(exc.value.code).startswith("error: ") and message in str(exc.value.code)
 
 
 def test_bench_main_writes_its_table_as_json_with_flat_tbptt_memory(tmp_path):
@@ -1062,6 +1118,10 @@ def test_probe_front_reads_the_front_head_band_by_band(maze_run, tmp_path, capsy
     probes.main(["front", str(tmp_path / "run"), "--task", "maze5", "--n-test", "12", "--data-dir", cache,
                  "--band", "2", "--segments", "3", "--at", "1"])
     assert "front head's mean P(reached) / accuracy after 1, 3 segments" in capsys.readouterr().out
+    # without --at: the default segments up to --segments (48 and the like are left out, not an error)
+    probes.main(["front", str(tmp_path / "run"), "--task", "maze5", "--n-test", "12", "--data-dir", cache,
+                 "--band", "2", "--segments", "3"])
+    assert "front head's mean P(reached) / accuracy after 1, 2, 3 segments" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no front head"):
         probes.main(["front", str(maze_run), "--task", "maze5", "--n-test", "12", "--data-dir", cache, "--at", "1"])
 
@@ -1328,6 +1388,11 @@ def test_tiny_sweep_writes_one_row_per_value_controller_seed_and_reuses_runs(tmp
         ab.main(argv + ["--max-steps", "3"])
     with pytest.raises(SystemExit, match="set by ab.py"):
         ab.main(["--root", str(tmp_path), "--", "--seed", "4"])
+    with pytest.raises(SystemExit, match="--sweep seed: ab.py sets --seed for every run"):
+        ab.main(["--root", str(tmp_path / "s"), "--sweep", "seed", "1", "2"])
+    # a metric the runs do not report: one line naming those they do, after results.csv is written
+    with pytest.raises(SystemExit, match="--metric las: the runs report tau"):
+        ab.main(["--metric", "las", *argv])  # the runs are reused
 
 
 # ---- reliability (issue 6)
@@ -1438,10 +1503,14 @@ def test_time_budget_counts_the_training_time_before_a_resume(tmp_path):
     trained = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["train_seconds"]
     val = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert trained >= [r for r in val if r["split"] == "val"][-1]["train_seconds"] > 0
-    # a budget the run has already spent: one batch (2 segments, 2 steps), then it evaluates, tests and stops
+    # a budget the run has already spent (as for a run stopped while testing): no more steps, only the test
+    (tmp_path / "run" / "test.json").unlink()
     train.main(with_flags(args, max_steps=4000, time_budget=trained / 2) + ["--resume"])
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 42 and ckpt["train_seconds"] > trained
+    assert ckpt["step"] == 40 and ckpt["train_seconds"] == trained and (tmp_path / "run" / "test.json").is_file()
+    # with time left it trains on: one batch (2 segments, 2 steps), then the budget is spent
+    train.main(with_flags(args, max_steps=4000, time_budget=trained * 1.0001) + ["--resume"])
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 42
 
 
 def test_ctrl_c_inside_the_optimizer_step_waits_for_its_end_and_an_ignored_one_stays_ignored():
@@ -1623,7 +1692,8 @@ def test_bad_checkpoints_give_one_line_errors_and_are_left_as_they_were(tmp_path
         ((tmp_path / "foreign.pt").read_bytes(), [], "is not an hrm-poh checkpoint"),
         (best, [], "holds weights only"),
         (good, ["--d-model", "32"], "differs from the flags (saved, flags): {'d_model': (16, 32)}"),
-        (good, ["--ema", "0.9"], "cannot resume from"),  # this run kept no EMA
+        (good, ["--ema", "0.9"], "other data or batches than these flags ask for (saved, flags): {'ema': (0.0, 0.9)}"),
+        (good, ["--seed", "7"], "(saved, flags): {'seed': (0, 7)}"),  # another data order
     ]
     for content, extra, message in cases:
         (run / "ckpt.pt").write_bytes(content)

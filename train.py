@@ -4,7 +4,7 @@ Train a recurrent PoH model on a maze or sorting task, evaluate it, and save the
     python train.py --task maze12 --controller hrm            # CPU, CUDA or MPS, picked automatically
     python train.py --task sort12 --controller hrm
     python train.py --task maze12 --out-dir runs/m --resume   # continue an interrupted run
-    python train.py --task maze12 --mazes loops --init-from runs/maze12-hrm-s0   # fine-tune a trained model
+    python train.py --task maze12 --mazes loops --init-from runs/maze12-hrm-s0 --out-dir runs/loops-s0  # fine-tune
     torchrun --standalone --nproc_per_node=2 train.py --task sort12   # several processes (gloo on CPU, nccl on CUDA)
 
 A run leaves in --out-dir: config.json (every resolved flag and run_env()), ckpt.pt (latest state, for --resume),
@@ -182,7 +182,8 @@ def add_run_flags(p):
                    help="EMA decay of the weights (0: off); validation, checkpoints and the test use the EMA")
 
     g = p.add_argument_group("evaluation and system")
-    g.add_argument("--eval-interval", type=int, default=None, help="evaluate and save every this many steps")
+    g.add_argument("--eval-interval", type=int, default=None, help="evaluate and save about every this many steps "
+                   "(at the first multiple of --segments at or after each multiple of it)")
     g.add_argument("--eval-batch-size", type=int, default=256, help="batch size for evaluation")
     g.add_argument("--eval-steps", type=int, default=None, help="inner steps per segment at evaluation (default R)")
     g.add_argument("--seed", type=int, default=0, help="seeds the model init and the training data order")
@@ -227,6 +228,10 @@ def resolve_args(argv=None):
                     (1 <= args.top_k <= args.n_heads, f"--top-k {args.top_k} must be between 1 and --n-heads {args.n_heads}"),
                     (args.segments >= 1, "--segments must be >= 1"), (args.max_steps >= 1, "--max-steps must be >= 1"),
                     (args.batch_size >= 1, "--batch-size must be >= 1"),
+                    *[(v is None or v >= 1, f"{flag} must be >= 1, got {v}") for flag, v in (
+                        ("--eval-interval", args.eval_interval), ("--eval-batch-size", args.eval_batch_size),
+                        ("--eval-steps", args.eval_steps), ("--n-train", args.n_train), ("--n-val", args.n_val),
+                        ("--n-test", args.n_test))],
                     (0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}"),
                     (0 <= args.word_dropout < 1, f"--word-dropout must be in [0, 1), got {args.word_dropout}"),
                     (0 <= args.ema < 1, f"--ema must be in [0, 1), got {args.ema}"),
@@ -452,9 +457,10 @@ def sigint_deferred():
                 raise KeyboardInterrupt
 
 
-def trim_log(path, step):
+def trim_log(path, step, drop_val_at_step=False):
     """On resume, drop the log records written after the checkpoint's step (they will be written again), the test
-    record of a run killed while testing, and a last line cut short by a crash."""
+    record of a run killed while testing, a last line cut short by a crash and, with drop_val_at_step, the
+    validation record of the checkpoint's own step (a validation that was interrupted runs again)."""
     if not os.path.isfile(path):
         return
     kept = []
@@ -464,7 +470,8 @@ def trim_log(path, step):
                 record = json.loads(line)
             except ValueError:
                 continue
-            if record["step"] <= step and record["split"] != "test":
+            if record["step"] <= step and record["split"] != "test" and not (
+                    drop_val_at_step and record["step"] == step and record["split"] == "val"):
                 kept.append(line)
     with open(path + ".tmp", "w") as f:  # rewritten atomically, like the checkpoints
         f.writelines(kept)
@@ -664,11 +671,16 @@ def build(args, device, rank, world):
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     # every rank checks (rank 0 writes config.json only after all ranks have passed this point, in DDP's set-up)
-    if not args.resume and os.path.exists(os.path.join(args.out_dir, "config.json")):
-        raise SystemExit(f"error: {args.out_dir} already holds a run; pass --resume to continue it or pick "
-                         f"another --out-dir")
-    if args.resume and not os.path.isfile(ckpt_path):
+    started, saved = os.path.exists(os.path.join(args.out_dir, "config.json")), os.path.isfile(ckpt_path)
+    if not args.resume and started:
+        raise SystemExit(f"error: {args.out_dir} already holds a run; pass --resume to continue it" +
+                         (" (it stopped before its first checkpoint: it starts again from step 0)" if not saved else "")
+                         + " or pick another --out-dir")
+    if args.resume and not saved and not started:
         raise SystemExit(f"error: --resume given but there is no checkpoint at {ckpt_path}")
+    if args.resume and not saved and master:  # run() trims its log to step 0
+        print(f"no checkpoint in {args.out_dir} yet (the run stopped before its first evaluation): starting again "
+              f"from step 0", flush=True)
     torch.manual_seed(args.seed)
     try:
         task = make_task(args.task, seed=args.data_seed, n_train=args.n_train, n_val=args.n_val,
@@ -686,8 +698,9 @@ def build(args, device, rank, world):
     r = SimpleNamespace(args=args, device=device, master=master, world=world, task=task, cfg=cfg, model=model,
                         optimizer=optimizer, ema=copy.deepcopy(model).requires_grad_(False) if args.ema > 0 else None,
                         gen=gen, carry=Carry(args, task, gen, rank, world), ckpt_path=ckpt_path,
-                        step=0, best=(), trained=0.0)  # trained: seconds of training, over every resume
-    if args.resume:
+                        step=0, best=(), trained=0.0,  # trained: seconds of training, over every resume
+                        pending_eval=False)  # a Ctrl-C came during this step's validation: do it first on resume
+    if args.resume and saved:
         restore(r)
     elif args.init_from:
         init_weights(r, args.init_from)
@@ -735,6 +748,12 @@ def init_weights(r, path):
         print(f"initialised from {path} (trained {ckpt.get('step', '?')} steps)", flush=True)
 
 
+# flags --resume must be given as the run was started with: they pick its data, its batches and which weights it
+# keeps (the model's own fields are checked by check_same_model); --max-steps, --time-budget and the like may change
+SAME_ON_RESUME = ("task", "seed", "data_seed", "mazes", "n_train", "batching", "batch_size", "segments", "target",
+                  "ema", "upos")
+
+
 def restore(r):
     """Load ckpt.pt into the run r built by build(): weights, optimizer, EMA, RNGs, step, clock, carried batch."""
     try:
@@ -742,6 +761,12 @@ def restore(r):
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None
     check_same_model(r, ckpt, r.ckpt_path)
+    config = ckpt.get("config") or {}
+    changed = {k: (config[k], getattr(r.args, k)) for k in SAME_ON_RESUME if k in config and
+               config[k] != getattr(r.args, k)}
+    if changed:
+        raise SystemExit(f"error: {r.ckpt_path} was trained with other data or batches than these flags ask for "
+                         f"(saved, flags): {changed}")
     missing = [k for k in ("optimizer", "step", "best_val", "data_rng", "torch_rng") if k not in ckpt]
     if missing:  # e.g. best.pt copied over ckpt.pt: weights only
         raise SystemExit(f"error: {r.ckpt_path} holds weights only (no {', '.join(missing)}); cannot resume")
@@ -757,6 +782,7 @@ def restore(r):
     best = ckpt["best_val"]  # a tuple of SELECT's metrics; one float in checkpoints of older versions
     r.step, r.best = ckpt["step"], tuple(best) if isinstance(best, (list, tuple)) else (best,)
     r.trained = ckpt.get("train_seconds", 0.0)  # absent from checkpoints of older versions: the clock restarts
+    r.pending_eval = ckpt.get("pending_eval", False)
     r.carry.load_state_dict(ckpt.get("carry"), r.device)  # absent from older checkpoints: a fresh batch
     if r.master:
         print(f"resumed from {r.ckpt_path} at step {r.step}", flush=True)
@@ -773,12 +799,13 @@ class Clock:
         return time.time() - self.start - self.evaluating
 
 
-def save_checkpoint(r, clock):
-    """ckpt.pt: everything --resume needs, written atomically."""
+def save_checkpoint(r, clock, pending_eval=False):
+    """ckpt.pt: everything --resume needs, written atomically; pending_eval: the step's validation did not finish."""
     save_atomic({"model": r.model.state_dict(), "optimizer": r.optimizer.state_dict(), "model_args": asdict(r.cfg),
                  "ema": r.ema.state_dict() if r.ema is not None else None, "step": r.step, "best_val": r.best,
                  "train_seconds": clock.seconds(), "carry": r.carry.state_dict(), "data_rng": r.gen.get_state(),
-                 "torch_rng": torch.get_rng_state(), "config": vars(r.args)}, r.ckpt_path)
+                 "torch_rng": torch.get_rng_state(), "config": vars(r.args), "pending_eval": pending_eval},
+                r.ckpt_path)
 
 
 def train_step(r, model, x, y, state, amp, any_rank):
@@ -872,8 +899,8 @@ def run(args):
         with open(os.path.join(args.out_dir, "config.json"), "w") as f:
             json.dump({**vars(args), "model": asdict(r.cfg), "world_size": world, "device": str(device),
                        "env": run_env()}, f, indent=2)
-        if args.resume:
-            trim_log(os.path.join(args.out_dir, "metrics.jsonl"), r.step)
+        if args.resume:  # a validation that was cut short is done again: its record, if written, goes
+            trim_log(os.path.join(args.out_dir, "metrics.jsonl"), r.step, drop_val_at_step=r.pending_eval)
     log_file = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if r.master else None
 
     def log(record):
@@ -894,9 +921,22 @@ def run(args):
                    device=device, amp=amp)
     bar = tqdm(total=args.max_steps, initial=r.step, disable=not r.master or args.no_progress, dynamic_ncols=True)
     next_eval = (r.step // args.eval_interval + 1) * args.eval_interval
-    clock, out_of_time = Clock(r.trained), False
-    t_last, n_last = time.time(), 0
+    clock = Clock(r.trained)
+    out_of_time = args.time_budget > 0 and r.trained > args.time_budget  # a run resumed when its time was up
+    t_last, n_last, evaluating = time.time(), 0, False
+
+    def evaluate_and_save():
+        nonlocal evaluating
+        evaluating = True  # a Ctrl-C from here until the checkpoint is saved leaves this validation to --resume
+        if r.master:
+            final = validate(r, clock, log, eval_kw)
+            bar.write(f"step {r.step}: val " + " ".join(f"{k} {v:.4f}" for k, v in final.items()))
+            save_checkpoint(r, clock)
+        evaluating = False
+
     try:
+        if r.pending_eval:
+            evaluate_and_save()
         while r.step < args.max_steps and not out_of_time:
             x, y, state = r.carry.next(r.model, r.step, device)  # draw: the batch in flight, new samples in it
             out, temperature = train_step(r, model, x, y, state, amp, any_rank)  # step
@@ -914,16 +954,13 @@ def run(args):
             out_of_time = any_rank(r.master and args.time_budget > 0 and clock.seconds() > args.time_budget)
             if r.step >= next_eval or r.step >= args.max_steps or out_of_time:  # evaluate and save
                 next_eval = (r.step // args.eval_interval + 1) * args.eval_interval
-                if r.master:
-                    final = validate(r, clock, log, eval_kw)
-                    bar.write(f"step {r.step}: val " + " ".join(f"{k} {v:.4f}" for k, v in final.items()))
-                    save_checkpoint(r, clock)
+                evaluate_and_save()
                 t_last, n_last = time.time(), 0  # samples/s counts training only, from here to the next evaluation
     except KeyboardInterrupt:
         # a Ctrl-C saves the step it stopped after, with the batch in flight, so --resume goes on inside that batch
         # (under DDP only rank 0's slots could be saved: a resume there starts a fresh batch)
         if r.master:
-            save_checkpoint(r, clock)
+            save_checkpoint(r, clock, pending_eval=evaluating)
             print(f"\ninterrupted: saved {r.ckpt_path} at step {r.step}; continue with --resume", flush=True)
         raise SystemExit(130)
     except FloatingPointError as exc:
@@ -931,7 +968,11 @@ def run(args):
         raise SystemExit(f"error: {exc}; {kept}") from None
     finally:
         bar.close()
-    result = test_best(r, log, eval_kw) if r.master else {}
+    try:
+        result = test_best(r, log, eval_kw) if r.master else {}
+    except KeyboardInterrupt:  # ckpt.pt holds the last step: --resume goes straight to the test
+        print(f"\ninterrupted while testing; {r.ckpt_path} is saved: --resume tests again", flush=True)
+        raise SystemExit(130)
     if log_file:
         log_file.close()
     if ddp:
