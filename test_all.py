@@ -38,7 +38,7 @@ import sample_maze
 import stats
 import train
 
-from hrm_controller import Controller, ControllerConfig, route, routing_entropy, temperature_at
+from hrm_controller import Controller, ControllerConfig, position_code, route, routing_entropy, temperature_at
 from model import ModelConfig, PoHModel, halting_distribution, supervised_steps
 from poh_block import BlockConfig, PoHAttention, PoHBlock, local_mask, open_mask
 
@@ -115,6 +115,17 @@ def test_learned_h_gate_updates_slow_state_every_step_by_a_gate_in_0_1():
     for t in range(1, 4):
         assert not torch.equal(steps[t]["z_H"], steps[t - 1]["z_H"])
         assert 0.0 < float(steps[t]["h_update"]) < 1.0
+    # z_H = g * f_H(u, z_L, z_H) + (1 - g) * z_H: a closed gate keeps z_H, an open one takes f_H's update
+    ctrl = m.controller
+    h_in = torch.randn(2, 5, m.cfg.d_model)
+    state = {"z_L": torch.randn(2, 5, m.cfg.d_ctrl), "z_H": torch.randn(2, 5, m.cfg.d_ctrl)}
+    u = ctrl.inp(h_in) + ctrl.where(position_code((1, 5)))
+    update = ctrl.f_H(torch.cat([u, state["z_L"]], -1).flatten(0, 1), state["z_H"].flatten(0, 1)).view(2, 5, -1)
+    with torch.no_grad():
+        for bias, expected in ((-30.0, state["z_H"]), (30.0, update)):
+            ctrl.gate.bias.fill_(bias)
+            _, _, new, _ = ctrl(h_in, state, t=1)  # t = 1: a fixed gate with T = 3 would not update here
+            torch.testing.assert_close(new["z_H"], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_topk_keeps_at_most_k_heads_summing_to_one():
@@ -212,19 +223,25 @@ def test_nonuniform_alpha_changes_block_output_per_head():
 
 
 def test_rope2d_attention_depends_on_relative_position_only():
-    # shifting every token's content by one column on a wider grid leaves interior outputs unchanged
+    # moving every token's content one row down and one column right on a larger grid leaves the outputs of the
+    # tokens whose neighbours all moved with them unchanged; and the rotation matters, by row and by column
     torch.manual_seed(0)
     block = PoHBlock(BlockConfig(d_model=16, n_heads=4, attn="local"))
     from poh_block import rope_tables
     x = torch.randn(1, 3 * 5, 16)
-    rope_a = rope_tables((3, 5), 4)
-    out = block(x, rope=rope_a, mask=local_mask((3, 5)))
-    grid_b = torch.zeros(1, 3, 6, 16)
-    grid_b[:, :, 1:] = x.view(1, 3, 5, 16)
-    out_b = block(grid_b.view(1, 18, 16), rope=rope_tables((3, 6), 4), mask=local_mask((3, 6)))
-    inner_a = out.view(1, 3, 5, 16)[:, :, 1:4]
-    inner_b = out_b.view(1, 3, 6, 16)[:, :, 2:5]
+    rope_a, mask_a = rope_tables((3, 5), 4), local_mask((3, 5))
+    out = block(x, rope=rope_a, mask=mask_a)
+    grid_b = torch.zeros(1, 4, 6, 16)
+    grid_b[:, 1:, 1:] = x.view(1, 3, 5, 16)
+    out_b = block(grid_b.view(1, 24, 16), rope=rope_tables((4, 6), 4), mask=local_mask((4, 6)))
+    inner_a = out.view(1, 3, 5, 16)[:, 1:2, 1:4]
+    inner_b = out_b.view(1, 4, 6, 16)[:, 2:3, 2:5]
     assert torch.allclose(inner_a, inner_b, atol=1e-5)
+    cos, sin = rope_a  # (N, 2) for head_dim 4: the row's angle, then the column's
+    for half in (0, 1):  # without the row's (or the column's) rotation the outputs change
+        c, s_ = cos.clone(), sin.clone()
+        c[:, half], s_[:, half] = 1.0, 0.0
+        assert (block(x, rope=(c, s_), mask=mask_a) - out).abs().max() > 1e-3, half
 
 
 def test_bptt_reaches_first_step_state_and_tbptt_does_not():
@@ -682,18 +699,19 @@ def test_two_step_training_run_writes_config_checkpoint_log_and_test(tmp_path, t
 
 
 def test_logged_samples_per_second_leave_out_evaluation_time(tmp_path, monkeypatch):
-    real_evaluate = train.evaluate
+    real_evaluate, real_time, skipped = train.evaluate, time.time, [0.0]
 
-    def slow_evaluate(*args, **kwargs):
-        time.sleep(2.0)
+    def slow_evaluate(*args, **kwargs):  # each evaluation takes 1,000 s by the clock train.py reads
+        skipped[0] += 1000.0
         return real_evaluate(*args, **kwargs)
     monkeypatch.setattr(train, "evaluate", slow_evaluate)
+    monkeypatch.setattr(time, "time", lambda: real_time() + skipped[0])
     train.main(tiny_run_args(tmp_path, "sort6", "--max-steps", "4"))  # evaluations at steps 2 and 4
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     after_eval = [r for r in rows if r.get("split") == "train" and r["step"] == 4][0]
-    # 8 samples (batch 4 x 2 segments) since the 2 s evaluation: counting it would give at most 4 samples/s; the
-    # margin lets a busy machine take up to 1.3 s for the tiny step itself
-    assert after_eval["samples_per_s"] > 6
+    # 8 samples (batch 4 x 2 segments) since the evaluation: counting it would give under 0.008 samples/s; 0.1
+    # leaves a busy machine 80 s for the two tiny steps themselves
+    assert after_eval["samples_per_s"] > 0.1
 
 
 def test_a_tie_in_validation_optimal_is_broken_by_cell_accuracy(tmp_path, monkeypatch):
@@ -746,6 +764,21 @@ def test_existing_output_folder_needs_resume(tmp_path):
     train.main(tiny_run_args(tmp_path, "sort6"))
     with pytest.raises(SystemExit, match="already holds a run; pass --resume to continue it or pick"):
         train.main(tiny_run_args(tmp_path, "sort6"))
+
+
+def test_ctrl_c_during_the_test_exits_130_and_resume_tests_once(tmp_path, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "test_best", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        train.main(tiny_run_args(tmp_path, "sort6"))
+    assert exc.value.code == 130 and not (tmp_path / "run" / "test.json").exists()
+    monkeypatch.undo()
+    result = train.main(tiny_run_args(tmp_path, "sort6", "--resume"))
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in log] == [(2, "train"), (2, "val"), (2, "test")]
+    assert json.loads((tmp_path / "run" / "test.json").read_text())["tau"] == pytest.approx(result["tau"])
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 2
 
 
 def test_a_run_that_stopped_before_its_first_checkpoint_starts_again_with_resume(tmp_path, capsys):
@@ -1384,6 +1417,16 @@ def test_tiny_sweep_writes_one_row_per_value_controller_seed_and_reuses_runs(tmp
     # a second call reuses every finished run; other flags into the same folders are refused
     ab.main(argv)
     assert capsys.readouterr().out.count("reusing the finished run") == 8
+    # an interrupted run (no test.json) is resumed, one stopped before its first checkpoint starts again
+    first, second = rows[0]["run_dir"], rows[1]["run_dir"]
+    os.remove(os.path.join(first, "test.json"))
+    for name in ("test.json", "ckpt.pt", "best.pt"):
+        os.remove(os.path.join(second, name))
+    again = ab.main(argv)
+    out = capsys.readouterr().out
+    assert out.count("reusing the finished run") == 6 and f"resuming into {first}" in out
+    assert f"training into {second}" in out and len(again) == 8
+    assert all(os.path.isfile(os.path.join(d, "test.json")) for d in (first, second))
     with pytest.raises(SystemExit, match="other flags"):
         ab.main(argv + ["--max-steps", "3"])
     with pytest.raises(SystemExit, match="set by ab.py"):
@@ -1694,6 +1737,8 @@ def test_bad_checkpoints_give_one_line_errors_and_are_left_as_they_were(tmp_path
         (good, ["--d-model", "32"], "differs from the flags (saved, flags): {'d_model': (16, 32)}"),
         (good, ["--ema", "0.9"], "other data or batches than these flags ask for (saved, flags): {'ema': (0.0, 0.9)}"),
         (good, ["--seed", "7"], "(saved, flags): {'seed': (0, 7)}"),  # another data order
+        (good, ["--batch-size", "8"], "(saved, flags): {'batch_size': (4, 8)}"),
+        (good, ["--segments", "4"], "(saved, flags): {'segments': (2, 4)}"),
     ]
     for content, extra, message in cases:
         (run / "ckpt.pt").write_bytes(content)
@@ -1710,6 +1755,9 @@ def test_init_from_starts_from_the_trained_weights_with_a_fresh_schedule(tmp_pat
     args = tiny_run_args(tmp_path, "sort6", "--ema", "0.9")
     train.main(args)
     trained = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["model"]  # the EMA weights it scored
+    source = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)  # one validation, at its last step
+    assert all(torch.equal(trained[k], source["ema"][k]) for k in trained)
+    assert any(not torch.equal(trained[k], source["model"][k]) for k in trained)  # the EMA, not the raw weights
     out = tmp_path / "tuned"
     # learning rate 0: the fine-tuned run's weights are exactly the source's EMA weights, and its step starts at 0
     tuned = args + ["--out-dir", str(out), "--init-from", str(tmp_path / "run"), "--lr", "0", "--seed", "5"]
@@ -1968,6 +2016,10 @@ def test_ablations_replace_alpha_as_named_and_shuffle_permutes_it_across_tokens(
     fixed = ablate_alpha(plain, "fixed")
     kept = (fixed > 0)[0, 0]
     assert kept.sum() == m.cfg.top_k and torch.equal(fixed > 0, kept.expand_as(fixed))
+    # the most common kept set, by hand: heads {1, 3} for 10 tokens, {0, 1} for 6, {2, 3} for 4 -> {1, 3}
+    sets = [[0, 0.7, 0, 0.3]] * 10 + [[0.6, 0.4, 0, 0]] * 6 + [[0, 0, 0.5, 0.5]] * 4
+    chosen = ablate_alpha(torch.tensor(sets).view(2, 10, 4), "fixed")
+    assert torch.equal(chosen, torch.tensor([0.0, 0.5, 0.0, 0.5]).expand(2, 10, 4))
     with pytest.raises(ValueError, match="ablation must be one of"):
         ablate_alpha(plain, "zero")
 
