@@ -292,8 +292,10 @@ class PoHModel(nn.Module):
                     p = h_update = None
                 else:
                     alpha = p = h_update = None
+                # routing statistics and terms over the real tokens only (padding exists in parse batches alone)
+                routed = (alpha[~pad], p[~pad]) if p is not None and pad.any() else (alpha, p)
                 if p is not None and not self.training:
-                    u, m = routing_stats(alpha)
+                    u, m = routing_stats(routed[0])
                     usage.append(u)
                     modal.append(m)
                 h = self.norm_in(h) + e
@@ -305,9 +307,9 @@ class PoHModel(nn.Module):
                     out = self.norm_out(h)
                     logits = self.head(out) if cfg.output == "classes" else self.head(out, pad)
                 if p is not None and t >= first_grad:
-                    entropies.append(routing_entropy(p))
+                    entropies.append(routing_entropy(routed[1]))
                     if balance_weight:
-                        balances.append(balance_loss(alpha, p))
+                        balances.append(balance_loss(*routed))
                 if self.halt is not None:
                     lambdas.append(torch.sigmoid(self.halt(h.mean(1)).float()).squeeze(-1))  # (B,)
                     step_logits.append(logits)

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -38,7 +38,7 @@ import sample_maze
 import stats
 import train
 
-from hrm_controller import Controller, ControllerConfig, position_code, route, routing_entropy, temperature_at
+from hrm_controller import Controller, ControllerConfig, kept_heads, position_code, route, routing_entropy, temperature_at
 from model import ModelConfig, PoHModel, halting_distribution, supervised_steps
 from poh_block import BlockConfig, PoHAttention, PoHBlock, local_mask, open_mask
 
@@ -2536,6 +2536,17 @@ def test_padding_never_changes_the_parsers_scores_for_the_real_words(ud_sample_d
     torch.testing.assert_close(arc_b[0, :n, :n], arc_a[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lab_b[0, :n, :n], lab_a[0], rtol=1e-5, atol=1e-5)
     assert torch.isinf(arc_b[0, :n, n:]).all()  # padding is never a candidate head
+    # the routing statistics count the real words only: by hand from the trace, padding left out (2 of 4 heads
+    # kept, so the usage can differ between tokens)
+    torch.manual_seed(0)
+    model = PoHModel(replace(cfg, n_heads=4, top_k=2), verbose=False).eval()
+    with torch.no_grad():
+        out = model(batch_x, trace=True)
+    real = batch_x[..., 0] != 0
+    for t, step in enumerate(out["trace"]):
+        keep = kept_heads(step["alpha"])
+        torch.testing.assert_close(out["parts"]["usage"][t], keep[real].float().mean(0))
+        assert not torch.allclose(out["parts"]["usage"][t], keep.float().mean((0, 1)), atol=1e-4)
 
 
 def test_the_output_layer_runs_only_at_the_steps_whose_answer_is_used(ud_sample_dir):
