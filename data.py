@@ -154,28 +154,30 @@ def direction_field(open_sides, dist):
 
 def batch_labels(open_sides, start, dist, target="direction"):
     """(B, n*n) labels of B mazes from their BFS distances (labels() for one maze), as bitmasks of the right
-    classes: direction, every move toward the goal along a shortest path (shortest_moves); path, the on-path bit of
-    the cells of one shortest path (the lowest direction at ties), 1 << 0 off and 1 << 1 on."""
-    field = direction_field(open_sides, dist)
-    B, n = dist.shape[:2]
-    if target == "path":
-        # walk the field from every start at once, marking cells until all walks sit on their goal
-        on_path = np.zeros(field.shape, dtype=bool)
-        rows, r, c = np.arange(B), start[:, 0].copy(), start[:, 1].copy()
-        step = np.array(MOVES + ((0, 0),))  # class 4 (goal) stays put
-        for _ in range(n * n):
-            on_path[rows, r, c] = True
-            d = field[rows, r, c]
-            d[d < 0] = GOAL_CLASS  # a start the goal cannot reach stays put too
-            if (d == GOAL_CLASS).all():
-                break
-            r, c = r + step[d, 0], c + step[d, 1]
-        field = np.where(dist >= 0, 1 << on_path.astype(np.int64), IGNORE)
-    elif target == "direction":
-        field = shortest_moves(open_sides, dist)
-    else:
+    classes: direction, every move toward the goal along a shortest path (shortest_moves); path, the on-path bit,
+    1 << 1 on every cell of every shortest path from the start (a maze with loops can have several) and 1 << 0
+    elsewhere."""
+    moves = shortest_moves(open_sides, dist)
+    if target == "direction":
+        return moves.reshape(len(dist), -1)
+    if target != "path":
         raise ValueError(f"unknown target {target!r}; use 'direction' or 'path'")
-    return field.reshape(B, n * n)
+    B, n = dist.shape[:2]
+    # spread from each start along every shortest move at once, until no cell is added: the cells a shortest path
+    # passes through (a move one step closer to the goal never leaves the set of shortest paths)
+    on_path = np.zeros(dist.shape, dtype=bool)
+    on_path[np.arange(B), start[:, 0], start[:, 1]] = dist[np.arange(B), start[:, 0], start[:, 1]] >= 0
+    bits = np.where(moves >= 0, moves, 0)
+    for _ in range(n * n):
+        grown = on_path.copy()
+        for d, (dr, dc) in enumerate(MOVES):
+            src = on_path & ((bits >> d) & 1).astype(bool)  # on a shortest path, with a shortest move d
+            grown[:, max(dr, 0):n + min(dr, 0), max(dc, 0):n + min(dc, 0)] |= \
+                src[:, max(-dr, 0):n - max(dr, 0), max(-dc, 0):n - max(dc, 0)]
+        if (grown == on_path).all():
+            break
+        on_path = grown
+    return np.where(dist >= 0, 1 << on_path.astype(np.int64), IGNORE).reshape(B, n * n)
 
 
 def labels(open_sides, start, goal, target="direction"):

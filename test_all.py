@@ -553,6 +553,15 @@ def test_a_maze_with_two_equally_short_moves_gives_both_full_credit_and_no_exact
     # equal scores go N, E, S, W in that order, so flat logits follow the labelled (E-first) path
     assert data.rollout(np.zeros((4, 5)), o, (0, 0), (1, 1)) == [(0, 0), (0, 1), (1, 1)]
     assert data.rollout(np.zeros((4, 2)), o, (1, 1), (0, 0), "path") == [(1, 1), (0, 1), (0, 0)]
+    # the path target marks every cell of both shortest paths as on the path; a dead end off them stays off
+    ON, OFF = 1 << 1, 1 << 0
+    assert data.labels(o, (0, 0), (1, 1), "path").tolist() == [ON, ON, ON, ON]
+    spur = np.zeros((2, 3, 4), dtype=bool)
+    spur[:, :2] = o  # the ring, and a dead end east of (0, 1): (0, 2)
+    spur[0, 1, 1] = spur[0, 2, 3] = True
+    spur = np.pad(spur, ((0, 1), (0, 0), (0, 0)))  # a 3x3 grid, its last row walled off (unreachable)
+    assert data.labels(spur, (0, 0), (1, 1), "path").reshape(3, 3).tolist() == [
+        [ON, ON, OFF], [ON, ON, -100], [-100, -100, -100]]
 
 
 def test_symmetries_give_valid_mazes_with_consistently_transformed_labels(maze8, cache8):
