@@ -157,12 +157,11 @@ def batch_labels(open_sides, start, dist, target="direction"):
     classes: direction, every move toward the goal along a shortest path (shortest_moves); path, the on-path bit,
     1 << 1 on every cell of every shortest path from the start (a maze with loops can have several) and 1 << 0
     elsewhere."""
-    moves = shortest_moves(open_sides, dist)
+    moves, (B, n) = shortest_moves(open_sides, dist), dist.shape[:2]
     if target == "direction":
-        return moves.reshape(len(dist), -1)
+        return moves.reshape(B, n * n)
     if target != "path":
         raise ValueError(f"unknown target {target!r}; use 'direction' or 'path'")
-    B, n = dist.shape[:2]
     # spread from each start along every shortest move at once, until no cell is added: the cells a shortest path
     # passes through (a move one step closer to the goal never leaves the set of shortest paths)
     on_path = np.zeros(dist.shape, dtype=bool)
