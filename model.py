@@ -286,7 +286,8 @@ class PoHModel(nn.Module):
                     alpha, p, ctrl, h_update = self.controller(h + e, ctrl, t, temperature, code)
                     if ablate is not None:
                         alpha = ablate_alpha(alpha, ablate, ablate_gen)
-                elif cfg.controller == "fixed":  # heads 0..top_k-1 for every token, no router
+                elif cfg.controller == "fixed":  # heads 0..top_k-1 for every token, no router (with --far-heads:
+                    # near heads only while top_k <= n_heads - far_heads, since the far heads are the last ones)
                     alpha = torch.zeros(B, N, cfg.n_heads, device=x.device)
                     alpha[..., :cfg.top_k] = 1.0 / cfg.top_k
                     p = h_update = None
