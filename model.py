@@ -264,6 +264,7 @@ class PoHModel(nn.Module):
         assert grid[0] * grid[1] == N, f"grid {grid} does not have {N} cells"
         e = self.drop(self.embed_input(x))  # one mask for the forward: every inner step sees the same input
         pad = (x[..., 0] if x.dim() == 3 else x) == cfg.pad_token  # (B, N): all False without padding
+        real = ~pad if cfg.pad_token >= 0 else None  # routing statistics and terms count real tokens only (parsing)
         if state is None:
             state = self.init_state(x)
         elif cfg.reset_controller and self.controller is not None:
@@ -293,8 +294,7 @@ class PoHModel(nn.Module):
                     p = h_update = None
                 else:
                     alpha = p = h_update = None
-                # routing statistics and terms over the real tokens only (padding exists in parse batches alone)
-                routed = (alpha[~pad], p[~pad]) if p is not None and pad.any() else (alpha, p)
+                routed = (alpha[real], p[real]) if p is not None and real is not None else (alpha, p)
                 if p is not None and not self.training:
                     u, m = routing_stats(routed[0])
                     usage.append(u)
