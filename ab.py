@@ -208,7 +208,7 @@ def main(argv=None):
         if ref:
             print(ref)
     if args.sweep:
-        metric = args.metric or {"sort": "tau", "parse": "las"}.get(train.task_kind(rows[0]["task"]), "optimal")
+        metric = args.metric or train.SELECT[train.task_kind(rows[0]["task"])][0]  # what runs select best.pt by
         if metric not in rows[0]:  # results.csv is already written: only the plot is missing
             raise SystemExit(f"error: --metric {metric}: the runs report {', '.join(metric_names(rows))}")
         print(f"\nwrote {plots.sweep_plot(rows, flag, metric, os.path.join(root, f'sweep_{flag}_{metric}.png'))}")

@@ -179,13 +179,7 @@ def main(argv=None):
         raise SystemExit(f"error: --task {a.task}: bench.py times maze and sorting shapes (mazeN, sortN)")
     if a.probe:
         return peak_memory_probe(a.task, int(a.probe[0]), a.probe[1], device, a.batch_size)
-    folder = os.path.dirname(a.out) or "."
-    try:  # now, not after minutes of timing
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise SystemExit(f"error: --out {a.out}: {exc.strerror}") from None
-    if not os.access(folder, os.W_OK) or os.path.isdir(a.out):
-        raise SystemExit(f"error: --out {a.out}: cannot write there")
+    train.ready_to_write("--out", a.out)  # now, not after minutes of timing
     results = {"device": str(device), **train.run_env(), "task": a.task}  # torch, threads, CPU, Python
 
     print(f"1. training throughput, {a.task} default shape, {device}")
@@ -268,7 +262,7 @@ def main(argv=None):
                              "--device", a.device, "--no-progress"])
         results["quick"] = {"seconds": a.quick, "out_dir": out_dir,
                             **{k: v for k, v in result.items() if k != "per_segment"}}
-        metric = "optimal" if task_kind(a.task) == "maze" else "tau"
+        metric = train.SELECT[task_kind(a.task)][0]  # the metric the run selects its checkpoint by
         print(f"  held-out test {metric} {result[metric]:.4f} over {result['n_test']} items (run in {out_dir})")
     with open(a.out, "w") as f:
         json.dump(results, f, indent=2)

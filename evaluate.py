@@ -25,7 +25,6 @@ taken where the item stopped, and the segments used are reported (mean, max, per
 import argparse
 import json
 import math
-import os
 
 import torch
 from tqdm import tqdm
@@ -262,19 +261,13 @@ def main(argv=None):
     train.keep_freed_memory()  # no page faulting of freed blocks: about 30% less time on a CPU
     args = get_parser().parse_args(argv)
     args.segments = parse_segments(args.segments)
-    for flag, value in (("--inner-steps", args.inner_steps), ("--n-test", args.n_test),
-                        ("--by-distance", args.by_distance), ("--batch-size", args.batch_size)):
-        if value is not None and value < 1:
-            raise SystemExit(f"error: {flag} must be >= 1, got {value}")
+    train.check_at_least(("--inner-steps", args.inner_steps, 1), ("--n-test", args.n_test, 1),
+                         ("--by-distance", args.by_distance, 1), ("--batch-size", args.batch_size, 1))
     if args.plot and args.segments == "auto":
         raise SystemExit("error: --plot draws the scores after each of a fixed number of segments; with --segments "
                          "auto each maze stops at its own segment, so pass a count")
-    for flag, path in (("--out", args.out), ("--plot", args.plot)):  # before the scoring, which can take an hour
-        try:
-            if path:
-                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        except OSError as exc:
-            raise SystemExit(f"error: {flag}: cannot make the folder of {path} ({exc.strerror})") from None
+    train.ready_to_write("--out", args.out)  # before the scoring, which can take an hour
+    train.ready_to_write("--plot", args.plot)
     try:
         gen_kwargs = data.parse_gen_args(args.gen_arg)
     except ValueError as exc:

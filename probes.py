@@ -26,7 +26,6 @@ batch: keep --n-test small on large mazes. The model never trains here.
 
 import argparse
 import json
-import os
 import statistics
 
 import torch
@@ -185,9 +184,8 @@ def get_parser():
 @torch.no_grad()
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    for flag in ("segments", "n_test", "band", "fit_segments", "fit_n"):
-        if getattr(args, flag) < 1:
-            raise SystemExit(f"error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    train.check_at_least(*((f"--{flag.replace('_', '-')}", getattr(args, flag), 1)
+                           for flag in ("segments", "n_test", "band", "fit_segments", "fit_n")))
     for task in (args.task, args.fit_task):
         if not (task.startswith("maze") and task[4:].isdigit()):
             raise SystemExit(f"error: the probes are for mazes (mazeN), got {task}")
@@ -195,11 +193,7 @@ def main(argv=None):
         args.at = [s for s in (1, 2, 4, 8, 16, 32, 48) if s <= args.segments]
     elif args.probe in ("read", "front") and max(args.at) > args.segments:
         raise SystemExit(f"error: --at {max(args.at)} is beyond --segments {args.segments}")
-    if args.out:  # its folder now, not after the probe has run
-        try:
-            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        except OSError as exc:
-            raise SystemExit(f"error: --out {args.out}: {exc.strerror}") from None
+    train.ready_to_write("--out", args.out)  # now, not after the probe has run
     try:
         gen_kwargs = data.parse_gen_args(args.gen_arg) or None
         probe = load(args.checkpoint)

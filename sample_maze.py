@@ -211,10 +211,8 @@ def get_parser():
 def main(argv=None):
     train.keep_freed_memory()
     args = get_parser().parse_args(argv)
-    for flag, value, least in (("--num-samples", args.num_samples, 1), ("--grid-n", args.grid_n, 3),
-                               ("--inner-steps", args.inner_steps, 1), ("--max-panels", args.max_panels, 1)):
-        if value is not None and value < least:
-            raise SystemExit(f"error: {flag} must be >= {least}, got {value}")
+    train.check_at_least(("--num-samples", args.num_samples, 1), ("--grid-n", args.grid_n, 3),
+                         ("--inner-steps", args.inner_steps, 1), ("--max-panels", args.max_panels, 1))
     try:
         gen_kwargs = data.parse_gen_args(args.gen_arg)
     except ValueError as exc:
@@ -235,7 +233,7 @@ def main(argv=None):
     target = "direction" if cfg.n_classes == 5 else "path"  # as data.maze_metrics reads it
     out = args.out or os.path.join(os.path.dirname(path), "samples.png")
     stem = os.path.splitext(out)[0]
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    train.ready_to_write("--out", out)
     print(f"{path}: {config['task']} {cfg.controller} model (step {ckpt.get('step')}), solving "
           f"{args.num_samples} fresh {n}x{n} mazes ({data.generator_name(args.generator, gen_kwargs)}) with "
           f"{segments if segments != 'auto' else f'auto (at most {cap})'} segments x {n_steps} inner steps, "

@@ -948,7 +948,7 @@ def test_bench_refuses_a_task_it_cannot_shape_and_an_unwritable_out_before_timin
     monkeypatch.setattr(bench, "time_steps", lambda *a, **k: pytest.fail("timed before the flags were checked"))
     (tmp_path / "file").write_text("")
     for argv, message in [(["--task", "ud_ewt"], "bench.py times maze and sorting shapes"),
-                          (["--out", str(tmp_path / "file" / "b.json")], "--out ")]:
+                          (["--out", str(tmp_path / "file" / "b.json")], "--out: cannot make the folder of")]:
         with pytest.raises(SystemExit) as exc:
             bench.main(["--device", "cpu", *argv])
         assert str(exc.value.code).startswith("error: ") and message in str(exc.value.code)

@@ -346,6 +346,28 @@ def run_data_dir(config, checkpoint_path):
     return next((c for c in candidates if os.path.isdir(c)), candidates[0])
 
 
+def check_at_least(*checks):
+    """The tools' count flags: SystemExit with one line for the first (flag, value, least) whose value is set and
+    below least."""
+    for flag, value, least in checks:
+        if value is not None and value < least:
+            raise SystemExit(f"error: {flag} must be >= {least}, got {value}")
+
+
+def ready_to_write(flag, path):
+    """Make the folder of an output file before long work, or end in one line where the file cannot be written
+    there (None: no output asked for)."""
+    if not path:
+        return
+    folder = os.path.dirname(path) or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(f"error: {flag}: cannot make the folder of {path} ({exc.strerror})") from None
+    if os.path.isdir(path) or not os.access(folder, os.W_OK):
+        raise SystemExit(f"error: {flag}: cannot write {path}")
+
+
 def one_line(exc):
     """An exception as one line: torch's own messages can run over many."""
     lines = str(exc).strip().splitlines()
