@@ -76,24 +76,32 @@ def decode(tokens, n):
     return open_sides, start, goal
 
 
+def bfs_distances(open_sides, source, blocked=None):
+    """Moves from `source` to every cell through open sides, (n, n) int64, -1 where it cannot be reached; a
+    `blocked` cell (r, c) is treated as a wall on every side (probes.py's rival routes that avoid a cell)."""
+    n = open_sides.shape[0]
+    opened = np.asarray(open_sides, dtype=bool).tolist()  # nested lists: much faster to index in a Python loop
+    dist = [[-1] * n for _ in range(n)]
+    dist[source[0]][source[1]] = 0
+    if blocked is not None:
+        dist[blocked[0]][blocked[1]] = -2  # "seen": never entered; reported as -1 below
+    queue = deque([tuple(source)])
+    while queue:
+        r, c = queue.popleft()
+        for d, (dr, dc) in enumerate(MOVES):
+            nr, nc = r + dr, c + dc
+            if opened[r][c][d] and 0 <= nr < n and 0 <= nc < n and dist[nr][nc] == -1:
+                dist[nr][nc] = dist[r][c] + 1
+                queue.append((nr, nc))
+    return np.maximum(np.array(dist, dtype=np.int64), -1)
+
+
 def solve(open_sides, start, goal):
     """BFS from the goal: dist (n, n) in moves (-1 if unreachable) and the shortest path start..goal as cells.
 
     The path follows direction_field(), so among equally short moves it takes the lowest direction index, like
     the labels; DFS mazes are trees and have one shortest path, but BFS keeps mazes with loops right too."""
-    n = open_sides.shape[0]
-    opened = np.asarray(open_sides, dtype=bool).tolist()  # nested lists: much faster to index in a Python loop
-    dist = [[-1] * n for _ in range(n)]
-    dist[goal[0]][goal[1]] = 0
-    queue = deque([tuple(goal)])
-    while queue:
-        r, c = queue.popleft()
-        for d, (dr, dc) in enumerate(MOVES):
-            nr, nc = r + dr, c + dc
-            if opened[r][c][d] and 0 <= nr < n and 0 <= nc < n and dist[nr][nc] < 0:
-                dist[nr][nc] = dist[r][c] + 1
-                queue.append((nr, nc))
-    dist = np.array(dist, dtype=np.int64)
+    dist = bfs_distances(open_sides, goal)
     field, path, cur = direction_field(np.asarray(open_sides, dtype=bool), dist), [], tuple(start)
     while dist[cur] >= 0:  # an unreachable start gives an empty path
         path.append(cur)

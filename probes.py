@@ -6,6 +6,7 @@ docs/experiments.md on why some seeds stop at about 150 moves on large mazes (is
     python probes.py hide RUN --task maze12 --hide 0,8,16 --segments 16    # the goal hidden for K segments first
     python probes.py read RUN --task maze32 --segments 48 --n-test 20      # a linear read of the distance off h
     python probes.py front RUN --task maze32 --segments 32 --n-test 20     # the front head (--front-weight)
+    python probes.py race RUN --task maze32 --generator gen_dfs_percolation --gen-arg p=0.1 --segments 16 --band 30
 
 settle: a cell wrong after the first segment needs the answer from the goal (a dead end cannot tell it which way
         to go). Per band of distance from the goal: such cells' share right at the end and the median segment from
@@ -16,6 +17,10 @@ hide:   K segments with the goal shown as a plain cell, then --segments with it;
 read:   ridge regression of the distance to the goal from the carried state h, fitted on --fit-task mazes after
         --fit-segments, read on the --task mazes at several segments: the mean read per band (and the answers'
         accuracy there). Whether the state holds a distance that grows past the training sizes, or saturates.
+race:   mazes with loops: where the greedy path after --segments first leaves the shortest moves. Every rival
+        route it passes (a neighbour one move farther from the goal), counted by how many moves longer it is and by
+        the distance from the goal where it branches off, taken or not; and whether the first wrong cell's answer
+        had been right and was lost (a longer route's answer arriving later overwrote it) or was never right.
 front:  a model trained with --front-weight: per band, the mean probability its front head gives that the goal's
         answer has reached a cell, and the answers' accuracy there, at several segments. How fast its front moves.
 
@@ -137,6 +142,62 @@ def front(probe, grid, x, y, segments, width, at):
     return by_band(x, y, grid, width, reached=reached, right=rights)
 
 
+def rivals(open_sides, dist, goal, path, i):
+    """The rival routes at path[i] (a cell with a right move): each open neighbour c one move farther from the goal,
+    other than the cell the path came from, as (c, extra): the moves the shortest route path[i] -> c -> goal that does
+    not come back through path[i] takes beyond the shortest one, or None where c leads only into a dead end."""
+    a, n, around, out = path[i], dist.shape[0], None, []
+    for d, (dr, dc) in enumerate(data.MOVES):
+        c = (a[0] + dr, a[1] + dc)
+        if open_sides[a][d] and 0 <= c[0] < n and 0 <= c[1] < n and dist[c] == dist[a] + 1 and \
+                (i == 0 or c != path[i - 1]):
+            if around is None:  # distances to the goal with path[i] walled off
+                around = data.bfs_distances(open_sides, goal, blocked=a)
+            out.append((c, None if around[c] < 0 else int(1 + around[c] - dist[a])))
+    return out
+
+
+EXTRA = ("+2", "+4 to +8", "+10 or more", "dead end")  # the rival classes race prints
+
+
+def extra_class(extra):
+    return EXTRA[3] if extra is None else EXTRA[0] if extra == 2 else EXTRA[1] if extra <= 8 else EXTRA[2]
+
+
+def race(probe, grid, x, y, segments, width):
+    """Where the greedy path after the last segment first leaves the shortest moves, and why. Walking each maze's
+    path up to its first wrong move, every rival route passed or taken is counted by its class (extra_class) and by
+    the band of distance from the goal of the cell where it branches off: {"bands": [{"from", "to", class: [taken,
+    met]}]}. Per maze not solved optimally, its first wrong cell: "held" (its answer was right for at least 2
+    segments in a row at some point and is wrong at the end, an answer lost) or never held; "last_right" (the last
+    segment, from 1, it was right; None if never). Also optimal and reach after the last segment."""
+    right = []
+    for _, logits in rollout(probe, grid, x, segments):  # logits: the last segment's, after the loop
+        right.append(data.right_answers(y, logits))
+    right = torch.stack(right)  # (S, B, N)
+    held2 = right[1:] & right[:-1]  # right in two segments in a row
+    counts, failures = {}, []
+    for b, (open_sides, start, goal, path) in enumerate(data.greedy_paths(logits.numpy(), x.numpy())):
+        dist = data.bfs_distances(open_sides, goal)
+        for i, a in enumerate(path[:-1]):
+            met = rivals(open_sides, dist, goal, path, i)
+            for c, extra in met:
+                cell = counts.setdefault(int(dist[a]) // width, {k: [0, 0] for k in EXTRA})[extra_class(extra)]
+                cell[0] += c == path[i + 1]
+                cell[1] += 1
+            if dist[path[i + 1]] != dist[a] - 1:  # the first wrong move: onto one of the rivals
+                k = a[0] * grid[1] + a[1]
+                ever = right[:, b, k].nonzero()
+                failures.append({"maze": b, "cell": list(a), "distance": int(dist[a]),
+                                 "extra": next(e for c, e in met if c == path[i + 1]),
+                                 "held": bool(held2[:, b, k].any()),
+                                 "last_right": int(ever[-1]) + 1 if len(ever) else None})
+                break
+    scores = data.maze_metrics(logits, x, y)
+    return {"optimal": scores["optimal"], "reach": scores["reach"], "failures": failures,
+            "bands": [{"from": w * width, "to": (w + 1) * width, **counts[w]} for w in sorted(counts)]}
+
+
 def by_band(x, y, grid, width, **per_segment):
     """One row per band of distance from the goal: from, to, cells, and for each name=({segment: (B, N) values}) the
     mean over the band's cells at each segment."""
@@ -160,12 +221,12 @@ def int_list(text):
 def get_parser():
     p = argparse.ArgumentParser(description="Probe how a maze model carries the goal's answer (docs/experiments.md).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("probe", choices=["settle", "hide", "read", "front"])
+    p.add_argument("probe", choices=["settle", "hide", "read", "front", "race"])
     p.add_argument("checkpoint", help="a checkpoint file, or a run folder (its best.pt)")
     p.add_argument("--task", default="maze32", help="mazes to probe (mazeN)")
     p.add_argument("--segments", type=int, default=48, help="segments run (hide: after the hidden ones)")
     p.add_argument("--n-test", type=int, default=100, help="mazes, in one batch")
-    p.add_argument("--band", type=int, default=40, help="settle, read: moves from the goal per band")
+    p.add_argument("--band", type=int, default=40, help="settle, read, race: moves from the goal per band")
     p.add_argument("--hide", type=int_list, default=[0, 8, 16], help="hide: segments with the goal hidden, "
                    "one run each")
     p.add_argument("--at", type=int_list, default=None, help="read, front: the segments read (default: 1, 2, 4, "
@@ -212,6 +273,18 @@ def main(argv=None):
             print(f"  {r['from']:4d}-{r['to'] - 1:<4d} cells {r['cells']:6d}  right {r['right_end']:.3f}  needs "
                   f"{r['needs']:5d}: right {fmt(r['needs_right_end'], '.3f')}, settled at "
                   f"{fmt(r['needs_settled_at'], 'g')}  drifted {fmt(r['drifted'], '.3f')}")
+    elif args.probe == "race":
+        result = race(probe, grid, x, y, args.segments, args.band)
+        fails = result["failures"]
+        print(f"after {args.segments} segments: optimal {result['optimal']:.3f}, reach {result['reach']:.3f}. Rival "
+              f"routes met on each path up to its first wrong move, taken / met, by moves from the goal:")
+        print(f"  {'':9s}" + "".join(f"{k:>14s}" for k in EXTRA))
+        for r in result["bands"]:
+            print(f"  {r['from']:4d}-{r['to'] - 1:<4d}" + "".join(f"{f'{r[k][0]} / {r[k][1]}':>14s}" for k in EXTRA))
+        held = [f["last_right"] for f in fails if f["held"]]
+        print(f"{len(fails)} mazes not optimal. Their first wrong cell's answer had held right for 2+ segments and was "
+              f"lost in {len(held)}" + (f" (median last right: segment {statistics.median(held):g})" if held else "")
+              + f"; never held in {len(fails) - len(held)}")
     elif args.probe == "hide":
         result = hide(probe, grid, x, y, args.segments, args.hide)
         shown = sorted({s for s in (1, 2, 4, 8) if s < args.segments} | {args.segments})

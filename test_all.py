@@ -1138,6 +1138,71 @@ def test_probe_read_fits_a_linear_read_and_the_cli_runs_each_probe(maze_run, tmp
     assert "expected counts >= 0" in capsys.readouterr().err
 
 
+def loop_maze():
+    """A hand-made 3x3 maze: the loop (0,0)-(0,1)-(0,2)-(1,2)-(1,1)-(1,0)-(0,0) and a dead end (2,0) below the start
+    (1,0); the goal (0,1) is 2 moves away through (0,0) and 4 through (1,1) (a rival route 2 moves longer)."""
+    o = np.zeros((3, 3, 4), dtype=bool)
+    for a, b in [((0, 0), (0, 1)), ((0, 1), (0, 2)), ((0, 2), (1, 2)), ((1, 2), (1, 1)), ((1, 1), (1, 0)),
+                 ((1, 0), (0, 0)), ((1, 0), (2, 0))]:
+        d = data.MOVES.index((b[0] - a[0], b[1] - a[1]))
+        o[a][d] = o[b][(d + 2) % 4] = True
+    return o, (1, 0), (0, 1)
+
+
+def test_bfs_distances_with_a_blocked_cell_and_the_rival_routes_of_a_loop():
+    o, start, goal = loop_maze()
+    dist = data.bfs_distances(o, goal)
+    assert dist.tolist() == [[1, 0, 1], [2, 3, 2], [3, -1, -1]]
+    assert np.array_equal(dist, data.solve(o, start, goal)[0])
+    around = data.bfs_distances(o, goal, blocked=(1, 0))  # the start walled off: (1,1) only around the far side
+    assert around.tolist() == [[1, 0, 1], [-1, 3, 2], [-1, -1, -1]]
+    # at the start: (1,1) is a route 1 + 3 - 2 = 2 moves longer, (2,0) a dead end; (0,0) is the right move
+    assert sorted(probes.rivals(o, dist, goal, [start, (0, 0), goal], 0)) == [((1, 1), 2), ((2, 0), None)]
+    # at (1,1) coming from the start: no rival ((1,0), where the path came from, is not one)
+    assert probes.rivals(o, dist, goal, [start, (1, 1), (1, 2), (0, 2), goal], 1) == []
+    assert [probes.extra_class(e) for e in (2, 4, 8, 10, None)] == ["+2", "+4 to +8", "+4 to +8", "+10 or more",
+                                                                    "dead end"]
+
+
+def test_probe_race_finds_the_first_wrong_move_its_rival_and_an_answer_lost(maze_run, tmp_path, capsys):
+    o, start, goal = loop_maze()
+    x = torch.from_numpy(np.stack([data.encode(o, start, goal)] * 2))
+    y = torch.from_numpy(np.stack([data.labels(o, start, goal)] * 2))
+    right = torch.zeros(9, 5)
+    for k, bits in enumerate(y[0].tolist()):
+        if bits >= 0:
+            right[k, (bits & -bits).bit_length() - 1] = 1.0  # the lowest right move (or the goal class)
+    wrong = right.clone()
+    wrong[3] = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0])  # the start (1,0) = cell 3 moves east, into the long route
+    # maze 0: wrong, right, right, wrong; maze 1: right throughout
+    answers = [torch.stack([w, right]) for w in (wrong, right, right, wrong)]
+
+    class Scripted:
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, x, state=None, **kwargs):
+            self.calls += 1
+            return {"state": {}, "logits": answers[self.calls - 1]}
+
+    got = probes.race((Scripted(), 1, 1.0), (3, 3), x, y, 4, 10)
+    assert got["optimal"] == 0.5 and got["reach"] == 1.0
+    assert got["failures"] == [{"maze": 0, "cell": [1, 0], "distance": 2, "extra": 2, "held": True, "last_right": 3}]
+    # both mazes meet the +2 rival and the dead end at the start; maze 0 takes the +2 one
+    assert got["bands"] == [{"from": 0, "to": 10, "+2": [1, 2], "+4 to +8": [0, 0], "+10 or more": [0, 0],
+                             "dead end": [0, 2]}]
+    answers[1] = answers[2] = wrong.expand(2, 9, 5)  # maze 0 never right for two segments in a row
+    assert probes.race((Scripted(), 1, 1.0), (3, 3), x, y, 4, 10)["failures"][0]["held"] is False
+    # the command line on the tiny run: every maze not optimal has one first wrong move, taken from one rival
+    cache, out = str(maze_run.parent / "cache"), tmp_path / "race.json"
+    probes.main(["race", str(maze_run), "--task", "maze5", "--n-test", "12", "--data-dir", cache, "--segments", "2",
+                 "--out", str(out)])
+    result = json.loads(out.read_text())["result"]
+    taken = sum(b[k][0] for b in result["bands"] for k in probes.EXTRA)
+    assert taken == len(result["failures"]) == round(12 * (1 - result["optimal"]))
+    assert "Rival routes met on each path" in capsys.readouterr().out
+
+
 def test_probe_front_reads_the_front_head_band_by_band(maze_run, tmp_path, capsys):
     cache = str(maze_run.parent / "cache")
     train.main(tiny_run_args(tmp_path, "maze5", "--wave-speed", "2", "--front-weight", "0.1", "--data-dir", cache))
