@@ -1179,6 +1179,18 @@ def test_bfs_distances_with_a_blocked_cell_and_the_rival_routes_of_a_loop():
                                                                     "dead end"]
 
 
+def test_the_chance_level_of_a_maze_with_one_three_way_choice_is_a_third():
+    """Random scores through the greedy rollout (MazeTask.chance) on loop_maze: at the start the three open
+    neighbours are equally likely; (0,0) then leads straight to the goal (optimal), (1,1) around the loop (reached,
+    4 moves instead of 2), (2,0) into the dead end (not reached); every later cell has one unvisited way on. So
+    optimal 1/3 and reach 2/3, here on 600 copies (one standard error 0.019)."""
+    o, start, goal = loop_maze()
+    x = torch.from_numpy(np.stack([data.encode(o, start, goal)] * 600))
+    y = torch.from_numpy(np.stack([data.labels(o, start, goal)] * 600))
+    chance = data.MazeTask.chance(type("Task", (), {"n_classes": 5})(), x, y)
+    assert chance["optimal"] == pytest.approx(1 / 3, abs=0.07) and chance["reach"] == pytest.approx(2 / 3, abs=0.07)
+
+
 def test_probe_race_finds_the_first_wrong_move_its_rival_and_an_answer_lost(maze_run, tmp_path, capsys):
     o, start, goal = loop_maze()
     x = torch.from_numpy(np.stack([data.encode(o, start, goal)] * 2))
