@@ -20,7 +20,8 @@ read:   ridge regression of the distance to the goal from the carried state h, f
 race:   mazes with loops: where the greedy path after --segments first leaves the shortest moves. Every rival
         route it passes (a neighbour one move farther from the goal), counted by how many moves longer it is and by
         the distance from the goal where it branches off, taken or not; and whether the first wrong cell's answer
-        had been right and was lost (a longer route's answer arriving later overwrote it) or was never right.
+        had been right for 2+ segments in a row and was lost by the end, or never was (which answer replaced it,
+        the probe does not see).
 front:  a model trained with --front-weight: per band, the mean probability its front head gives that the goal's
         answer has reached a cell, and the answers' accuracy there, at several segments. How fast its front moves.
 
@@ -168,9 +169,11 @@ def race(probe, grid, x, y, segments, width):
     """Where the greedy path after the last segment first leaves the shortest moves, and why. Walking each maze's
     path up to its first wrong move, every rival route passed or taken is counted by its class (extra_class) and by
     the band of distance from the goal of the cell where it branches off: {"bands": [{"from", "to", class: [taken,
-    met]}]}. Per maze not solved optimally, its first wrong cell: "held" (its answer was right for at least 2
-    segments in a row at some point and is wrong at the end, an answer lost) or never held; "last_right" (the last
-    segment, from 1, it was right; None if never). Also optimal and reach after the last segment."""
+    met]}]}. Per maze not solved optimally, {"maze": its index, "cell": its first wrong cell, "distance": that cell's
+    moves to the goal, "extra": the class value of the rival taken there, "held": whether that cell's answer was
+    right for at least 2 segments in a row at some point (it is wrong at the end: an answer lost), "last_right": the
+    last segment, from 1, it was right (None if never)} in "failures". Also optimal and reach after the last
+    segment. A maze whose start cannot reach the goal has no wrong move and is skipped."""
     right = []
     for _, logits in rollout(probe, grid, x, segments):  # logits: the last segment's, after the loop
         right.append(data.right_answers(y, logits))
@@ -179,6 +182,8 @@ def race(probe, grid, x, y, segments, width):
     counts, failures = {}, []
     for b, (open_sides, start, goal, path) in enumerate(data.greedy_paths(logits.numpy(), x.numpy())):
         dist = data.bfs_distances(open_sides, goal)
+        if dist[start] < 0:
+            continue
         for i, a in enumerate(path[:-1]):
             met = rivals(open_sides, dist, goal, path, i)
             for c, extra in met:
