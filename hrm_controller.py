@@ -74,17 +74,22 @@ def kept_heads(alpha):
     return alpha.detach() > 0
 
 
-def balance_loss(alpha, p):
+def balance_loss(alpha, p, real=None):
     """Load balancing in the Switch-Transformer form, H * sum_h f_h * P_h: f_h the share of routed slots that go
     to head h (from the discrete top-k choice, no gradient), P_h the mean router probability of h (the gradient
     path). It is 1 when heads are used and preferred evenly and up to H/k when every token keeps the same k heads
     and the router puts all its probability on them, so a positive
     weight pushes probability away from the heads that are already over-used: the counterweight to top-k's
-    rich-get-richer dynamic, where dropped heads get no gradient and fall further behind."""
+    rich-get-richer dynamic, where dropped heads get no gradient and fall further behind. real (...) bool: the
+    tokens counted (None: all); padding is weighted 0 rather than indexed out, which would sync a GPU."""
     H = p.shape[-1]
-    keep = kept_heads(alpha).float().reshape(-1, H)
+    keep, p = kept_heads(alpha).float().reshape(-1, H), p.reshape(-1, H)
+    if real is None:
+        P = p.mean(0)  # (H,)
+    else:
+        w = real.reshape(-1, 1).to(p.dtype)
+        keep, P = keep * w, (p * w).sum(0) / w.sum().clamp_min(1.0)
     f = keep.sum(0) / keep.sum().clamp_min(1.0)  # (H,) share of the routed slots
-    P = p.reshape(-1, H).mean(0)  # (H,)
     return H * (f * P).sum()
 
 
@@ -128,9 +133,11 @@ def ablate_alpha(alpha, how, gen=None):
     raise ValueError(f"ablation must be one of {', '.join(ABLATIONS)}, got {how!r}")
 
 
-def routing_entropy(p):
-    """Mean entropy (nats) of the per-token head distributions p (..., H); a tensor, so it can be a loss term."""
-    return -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+def routing_entropy(p, real=None):
+    """Mean entropy (nats) of the per-token head distributions p (..., H); a tensor, so it can be a loss term.
+    real (...) bool: the tokens counted (None: all), weighted rather than indexed (no GPU sync)."""
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1)
+    return entropy.mean() if real is None else (entropy * real).sum() / real.sum().clamp_min(1)
 
 
 def anneal(start, end, frac):

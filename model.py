@@ -294,9 +294,8 @@ class PoHModel(nn.Module):
                     p = h_update = None
                 else:
                     alpha = p = h_update = None
-                routed = (alpha[real], p[real]) if p is not None and real is not None else (alpha, p)
                 if p is not None and not self.training:
-                    u, m = routing_stats(routed[0])
+                    u, m = routing_stats(alpha if real is None else alpha[real])  # evaluation only: may sync
                     usage.append(u)
                     modal.append(m)
                 h = self.norm_in(h) + e
@@ -308,9 +307,9 @@ class PoHModel(nn.Module):
                     out = self.norm_out(h)
                     logits = self.head(out) if cfg.output == "classes" else self.head(out, pad)
                 if p is not None and t >= first_grad:
-                    entropies.append(routing_entropy(routed[1]))
+                    entropies.append(routing_entropy(p, real))
                     if balance_weight:
-                        balances.append(balance_loss(*routed))
+                        balances.append(balance_loss(alpha, p, real))
                 if self.halt is not None:
                     lambdas.append(torch.sigmoid(self.halt(h.mean(1)).float()).squeeze(-1))  # (B,)
                     step_logits.append(logits)

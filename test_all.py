@@ -2076,6 +2076,19 @@ def test_position_code_is_centred_periodic_and_old_checkpoints_load_without_it(t
     assert loaded.controller.where is None
 
 
+def test_the_routing_terms_over_real_tokens_equal_the_terms_of_the_real_tokens_alone():
+    """routing_entropy and balance_loss with a real-token mask (padding weighted 0, as model.py passes it for
+    parsing) equal the terms computed on the real tokens picked out, and differ from the terms over every token."""
+    from hrm_controller import balance_loss
+    g = torch.Generator().manual_seed(0)
+    alpha, p = route(torch.randn(2, 5, 4, generator=g), 1.0, 2, hard=False)
+    real = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    torch.testing.assert_close(routing_entropy(p, real), routing_entropy(p[real]))
+    torch.testing.assert_close(balance_loss(alpha, p, real), balance_loss(alpha[real], p[real]))
+    assert not torch.allclose(routing_entropy(p, real), routing_entropy(p), atol=1e-4)
+    assert not torch.allclose(balance_loss(alpha, p, real), balance_loss(alpha, p), atol=1e-4)
+
+
 def test_balance_loss_is_one_when_even_larger_when_collapsed_and_its_gradient_reaches_the_router():
     from hrm_controller import balance_loss
     even_p = torch.full((2, 6, 4), 0.25)
