@@ -11,6 +11,7 @@ with more inner steps and segments (size generalisation), or an old run under ne
     python evaluate.py runs/maze12-hrm-s0 --segments 32 --plot segments.png   # accuracy against segments
     python evaluate.py runs/maze12-hrm-s0 --task maze24 --segments auto --by-distance 30   # where it goes wrong
     python evaluate.py runs/maze12-hrm-s0 --task maze24 --segments auto --symmetries 8     # mean of 8 views
+    python evaluate.py runs/maze12-hrm-s0 --task maze24 --segments auto --latch    # a cell keeps an answer that held
 
 Defaults: the checkpoint's task, inner steps, segments and training temperature, and the test split of its data
 seed (the same items train.py's test.json was measured on; other maze sizes get their own cached pools from the
@@ -20,6 +21,10 @@ same seeds). Prints the metrics of every segment and writes them as JSON with --
 that grows with the grid (segment_cap): for a maze the decoded path from the start, once it reaches the goal (cells
 off the path may go on changing), for other tasks the argmax class of every token (answer_keys). The answer is
 taken where the item stopped, and the segments used are reported (mean, max, per item in the JSON).
+
+--latch (Latch): a maze cell keeps its answer once its best move has held for LATCH's segments, each time with the
+cell reached by the goal's answer (the front head of a model trained with train.py --front-weight) or, without a
+front head, sure of it; with fixed segments and with auto alike.
 """
 
 import argparse
@@ -34,6 +39,9 @@ import train
 from hrm_controller import ABLATIONS
 
 PATIENCE = 3  # segments an item's answer must stay unchanged before it stops (--segments auto)
+# --latch (Latch): a cell keeps its answer once its best move has held this many segments in a row, each time with
+# the front head's P(reached) >= the first number (a model with a front head) or else its own probability >= it
+LATCH = {"front": (0.5, 3), "sure": (0.9, 3)}
 
 
 def answer_keys(task, logits, x):
@@ -126,7 +134,53 @@ class SymmetryMean(torch.nn.Module):
         logp = out["logits"].float().log_softmax(-1).unflatten(0, (B, V))
         back = torch.stack([data.from_symmetric(logp[:, k], n, k) for k in range(V)], 1)
         mean = back.logsumexp(1) - math.log(V)  # the log of the mean probability
-        return {**out, "logits": mean, "state": {k: v.unflatten(0, (B, V)) for k, v in out["state"].items()}}
+        front = out.get("front")
+        if front is not None:  # the front head's P(reached), mean over the views, each mapped back to its cell
+            front = front.unflatten(0, (B, V))[..., None]
+            front = torch.stack([data.from_symmetric(front[:, k], n, k) for k in range(V)], 1).mean(1)[..., 0]
+        return {**out, "logits": mean, "front": front,
+                "state": {k: v.unflatten(0, (B, V)) for k, v in out["state"].items()}}
+
+
+class Latch(torch.nn.Module):
+    """A maze model whose answer at a cell is kept once it has held: when a cell's best class has stayed the same
+    for `hold` segments in a row, each time with the cell reached by the goal's answer (the front head's P >= p, a
+    model trained with --front-weight) or, without a front head, each time with its own probability >= p, its logits
+    from then on are those of that segment, whatever the model goes on to say there (the model's state is not
+    touched). As BFS keeps the first distance it sets: an answer that held and would later be lost (probes.py
+    race) stays; one the answer has not yet reached stays free. The defaults (LATCH) were chosen on validation
+    mazes. Evaluation only, called like the model; its memory rides in the carried state (keys "latch_*", batch
+    first), so run_adaptive drops a stopped maze's memory with the rest of its state, and SymmetryMean can sit
+    inside it (the front is then the mean over the views)."""
+
+    def __init__(self, model, rules=None):
+        super().__init__()
+        self.model, self.rules, self.cfg = model, rules or LATCH, model.cfg
+
+    @property
+    def controller(self):
+        return self.model.controller
+
+    def forward(self, x, state=None, **kwargs):
+        if kwargs.get("y") is not None or kwargs.get("trace"):
+            raise ValueError("Latch scores mazes; it takes no labels and no trace")
+        state = dict(state or {})
+        memory = {k: state.pop(k) for k in [k for k in state if k.startswith("latch_")]}
+        out = self.model(x, state=state or None, **kwargs)
+        logits = out["logits"].float()
+        p, best = logits.softmax(-1).max(-1)  # (B, N) each
+        front = out.get("front")
+        gate, hold = self.rules["front" if front is not None else "sure"]
+        ready = (front if front is not None else p) >= gate
+        if memory:
+            calm = torch.where(ready & (best == memory["latch_best"]), memory["latch_calm"] + 1, ready.long())
+            kept, locked = memory["latch_logits"], memory["latch_locked"]
+        else:
+            calm, kept, locked = ready.long(), logits, torch.zeros_like(ready)
+        new = (calm >= hold) & ~locked
+        kept, locked = torch.where(new[..., None], logits, kept), locked | new
+        memory = {"latch_logits": kept, "latch_locked": locked, "latch_calm": calm, "latch_best": best}
+        return {**out, "logits": torch.where(locked[..., None], kept, logits), "state": {**out["state"], **memory}}
 
 
 def parse_segments(text):
@@ -171,13 +225,15 @@ def get_parser():
     p.add_argument("--plot", default=None, help="mazes, a fixed --segments: draw reach and optimal against "
                    "segments into this PNG")
     p.add_argument("--out", default=None, help="write the result here as JSON")
+    p.add_argument("--latch", action="store_true", help="mazes: a cell keeps its answer once its best move has "
+                   "held a few segments with the cell reached (front head) or sure (Latch, LATCH)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar for --segments auto")
     return p
 
 
 def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, data_dir=None,
           batch_size=64, device="cpu", ablate=None, generator=None, gen_kwargs=None, by_distance=None,
-          data_seed=None, progress=False, symmetries=1):
+          data_seed=None, progress=False, symmetries=1, latch=False):
     """Returns {"checkpoint" (the file scored), "step", "task", "data_seed", "inner_steps", "generator" (mazes: the
     kind scored, else None), "segments", "symmetries", "temperature", "ablate", "n_test", **final segment metrics,
     "per_segment": [...], "routing": last segment's per-step head usage or None, "chance": {...}}; with
@@ -209,6 +265,8 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
         raise ValueError(f"--symmetries must be 1 to 8, got {symmetries}")
     if symmetries != 1 and not task_name.startswith("maze"):
         raise ValueError("--symmetries applies to maze tasks only")
+    if latch and not task_name.startswith("maze"):
+        raise ValueError("--latch applies to maze tasks only")
     n_test = n_test or (config.get("n_test") if same else 1000)  # None: the task's own default, as train.py
     task = data.make_task(task_name, seed=seed, n_train=config.get("n_train") if same else 100,
                           n_val=config.get("n_val") if same else 0, n_test=n_test,
@@ -229,6 +287,8 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
     extra = {}
     if symmetries > 1:  # batch_size mazes' views per model call (batch_size // V mazes), not V times as many
         model, batch_size = SymmetryMean(model, symmetries), max(1, batch_size // symmetries)
+    if latch:
+        model = Latch(model)
     if segments == "auto":
         if task.grid is None:
             raise ValueError(f"--segments auto sets its cap from the grid, and {task_name} has none; pass a count")
@@ -252,7 +312,7 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
             "inner_steps": inner_steps,
             "generator": (data.generator_name(generator, gen_kwargs) if generator else config.get("mazes", data.GENERATOR))
             if task_name.startswith("maze") else None,
-            "segments": segments, "symmetries": symmetries, "temperature": temperature, "ablate": ablate,
+            "segments": segments, "symmetries": symmetries, "latch": latch, "temperature": temperature, "ablate": ablate,
             "n_test": len(x), **per_seg[-1],
             "per_segment": per_seg, "routing": routing, "chance": chance, **extra}
 
@@ -276,7 +336,7 @@ def main(argv=None):
         result = score(args.checkpoint, args.task, args.inner_steps, args.segments, args.n_test, args.data_dir,
                        args.batch_size, train.pick_device(args.device), args.ablate_routing, args.generator,
                        gen_kwargs or None, args.by_distance, args.data_seed,
-                       progress=not args.no_progress, symmetries=args.symmetries)
+                       progress=not args.no_progress, symmetries=args.symmetries, latch=args.latch)
     except (FileNotFoundError, ValueError) as exc:  # ValueError: also an argument the generator does not take
         raise SystemExit(f"error: {exc}") from None
     print(f"{result['checkpoint']} (step {result['step']}) on {result['task']}"
@@ -284,6 +344,7 @@ def main(argv=None):
           f"{result['segments']} segments x {result['inner_steps']} inner steps, temperature "
           f"{result['temperature']:.3f}"
           + (f", mean of {args.symmetries} symmetric views" if args.symmetries > 1 else "")
+          + (", answers latched" if args.latch else "")
           + (f", routing ablated: {args.ablate_routing}" if args.ablate_routing else ""))
     if result["segments"] == "auto":
         print(f"  segments used: mean {result['segments_used']:.2f}, max {result['segments_max']} "

@@ -20,6 +20,7 @@ head reads the distance as a phase, (cos, sin) of 2 pi d / P: a target of the sa
 Front head (front_weight > 0, mazes): a logit, read off the same state, of whether an answer spreading from the
 goal at train.py's --wave-speed can have reached each cell by the end of the segment; an auxiliary cross-entropy
 only. Its target is 0 or 1 at every maze size and follows a local rule: a cell is reached once an open neighbour is.
+forward returns its probability as "front" (evaluate.py --latch keeps a cell's answer once it has been reached).
 
 The carried state (h, z_L, z_H) goes in and comes out of forward, detached, so train.py can run several
 segments per batch (HRM-style deep supervision).
@@ -369,7 +370,13 @@ class PoHModel(nn.Module):
             if front_terms:
                 loss = loss + cfg.front_weight * parts["front"]
         out_state = {"h": h.detach().float(), **{k: v.detach().float() for k, v in ctrl.items()}}
-        return {"logits": logits, "loss": loss, "parts": parts, "state": out_state, "trace": steps}
+        front = self.reached(out_state["h"]) if self.front_head is not None else None
+        return {"logits": logits, "loss": loss, "parts": parts, "state": out_state, "trace": steps, "front": front}
+
+    @torch.no_grad()
+    def reached(self, h):
+        """The front head's read of a state h (..., N, d): P(the goal's answer has reached each cell), (..., N)."""
+        return torch.sigmoid(self.front_head(self.norm_out(h.to(self.norm_out.weight.dtype))).squeeze(-1).float())
 
     def attention_mask(self, x, grid):
         """What the blocks' attention may see: None (global), a dense mask, or (grid, allowed) to gather."""

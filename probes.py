@@ -138,7 +138,7 @@ def front(probe, grid, x, y, segments, width, at):
     reached, rights = {}, {}
     for s, (state, logits) in enumerate(rollout(probe, grid, x, segments), start=1):
         if s in at:
-            reached[s] = torch.sigmoid(model.front_head(model.norm_out(state["h"])).squeeze(-1).float())
+            reached[s] = model.reached(state["h"])
             rights[s] = data.right_answers(y, logits)
     return by_band(x, y, grid, width, reached=reached, right=rights)
 

@@ -2429,6 +2429,71 @@ class SharpByToken(nn.Module):
         return {"logits": 10.0 * F.one_hot(x % 5, 5).float(), "state": {"h": x.float()}}
 
 
+def test_latch_keeps_an_answer_that_held_sure_and_frees_one_that_did_not(maze_run):
+    sure = lambda c: 10.0 * F.one_hot(torch.tensor(c), 5).float()  # p(c) about 0.9998
+    unsure = lambda c: sure(c) * 0.2  # p(c) about 0.5: below the latch's 0.9
+    # per segment, the logits of 4 cells: 0 sure of move 1 for 3 segments, then of move 2 (latched at segment 3);
+    # 1 the same but unsure (never latched); 2 sure of move 1 for 2 segments only (hold 3: not latched);
+    # 3 sure of moves 1, 2, 1, 2 (its count starts again at each change)
+    script = [torch.stack([sure(1), unsure(1), sure(1), sure(1)]), torch.stack([sure(1), unsure(1), sure(1), sure(2)]),
+              torch.stack([sure(1), unsure(1), sure(2), sure(1)]), torch.stack([sure(2), unsure(2), sure(2), sure(2)]),
+              torch.stack([sure(2), unsure(2), sure(3), sure(3)])]
+
+    class Scripted(nn.Module):
+        cfg = controller = None
+
+        def forward(self, x, state=None, **kw):
+            s = 0 if state is None else int(state["h"][0]) + 1
+            return {"logits": script[s].expand(len(x), 4, 5), "state": {"h": torch.full((len(x),), float(s))}}
+
+    latched, state, moves = evaluate.Latch(Scripted()), None, []
+    for _ in script:
+        out = latched(torch.zeros(2, 4, dtype=torch.long), state=state)
+        state = out["state"]
+        moves.append(out["logits"][0].argmax(-1).tolist())
+        assert all(v.shape[0] == 2 for v in state.values())  # batch first: a stopped maze leaves with its memory
+    assert moves == [[1, 1, 1, 1], [1, 1, 1, 2], [1, 1, 2, 1], [1, 2, 2, 2], [1, 2, 3, 3]]
+    torch.testing.assert_close(out["logits"][0, 0], sure(1))  # the latched cell answers with its kept logits
+    assert state["latch_locked"][0].tolist() == [True, False, False, False]
+    with pytest.raises(ValueError, match="no labels"):
+        latched(torch.zeros(2, 4, dtype=torch.long), y=torch.zeros(2, 4))
+    # a model with a front head: the front gates, not the answer's own probability. Every cell answers move 1 in
+    # segments 1-4 (sure, unsure, sure, unsure) and move 2 in segment 5. Cell 0 is reached from segment 2 (latched
+    # at 4, hold 3), cell 1 from segment 1 (latched at 3, though unsure there), cells 2 and 3 never
+    fronts = torch.tensor([[0.2, 0.9, 0.1, 0.0]] + [[0.9, 0.9, 0.1, 0.0]] * 4)
+    script[:] = [torch.stack([f(1)] * 4) for f in (sure, unsure, sure, unsure)] + [torch.stack([sure(2)] * 4)]
+
+    class Reached(Scripted):
+        def forward(self, x, state=None, **kw):
+            out = super().forward(x, state)
+            return {**out, "front": fronts[int(out["state"]["h"][0])].expand(len(x), 4)}
+
+    latched, state, moves = evaluate.Latch(Reached()), None, []
+    for _ in range(5):
+        out = latched(torch.zeros(2, 4, dtype=torch.long), state=state)
+        state = out["state"]
+        moves.append(out["logits"][1].argmax(-1).tolist())
+    assert moves == [[1, 1, 1, 1]] * 4 + [[1, 1, 2, 2]]
+    assert state["latch_locked"][1].tolist() == [True, True, False, False]
+    # the front through SymmetryMean: the mean of the views' fronts, each back on its cell, so a turned maze's front
+    # mapped back is the maze's own
+    model = tiny_maze_model("hrm", R=2, T=2, front_weight=0.1).eval()
+    torch.nn.init.normal_(model.front_head.weight, std=1.0)  # a head that differs from cell to cell
+    x = torch.from_numpy(np.stack([data.encode(*loop_maze())] * 2))
+    kw = dict(grid=(3, 3), n_steps=2, temperature=1.0)
+    base = evaluate.SymmetryMean(model, 8)(x, **kw)["front"]
+    assert base.shape == (2, 9) and base.std() > 1e-3
+    for k in (1, 5):
+        turned = evaluate.SymmetryMean(model, 8)(data.symmetric_tokens(x, 3, k), **kw)["front"]
+        torch.testing.assert_close(data.from_symmetric(turned[..., None], 3, k)[..., 0], base, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(x, **kw)["front"], model.reached(model(x, **kw)["state"]["h"]))
+    # through the command line, fixed and auto segments, with views inside
+    for segments in ("3", "auto"):
+        result = evaluate.main([str(maze_run), "--n-test", "8", "--segments", segments, "--latch", "--symmetries",
+                                "2", "--no-progress"])
+        assert result["latch"] is True and 0 <= result["optimal"] <= 1
+
+
 def test_symmetry_mean_answers_a_turned_maze_as_the_maze_itself_over_carried_segments(maze8, maze_run):
     model = tiny_maze_model("hrm", R=2, T=2).eval()
     x = maze8.split("val")[0][:6]
