@@ -39,8 +39,9 @@ import train
 from hrm_controller import ABLATIONS
 
 PATIENCE = 3  # segments an item's answer must stay unchanged before it stops (--segments auto)
-# --latch (Latch): a cell keeps its answer once its best move has held this many segments in a row, each time with
-# the front head's P(reached) >= the first number (a model with a front head) or else its own probability >= it
+# --latch (Latch), gate and hold: a cell keeps its answer once its best move has held `hold` segments in a row, each
+# time with the front head's P(reached) >= gate ("front": a model with the head) or the move's probability >= gate
+# ("sure": a model without it); chosen on validation mazes (docs/experiments.md)
 LATCH = {"front": (0.5, 3), "sure": (0.9, 3)}
 
 
@@ -134,24 +135,24 @@ class SymmetryMean(torch.nn.Module):
         logp = out["logits"].float().log_softmax(-1).unflatten(0, (B, V))
         back = torch.stack([data.from_symmetric(logp[:, k], n, k) for k in range(V)], 1)
         mean = back.logsumexp(1) - math.log(V)  # the log of the mean probability
-        front = out.get("front")
-        if front is not None:  # the front head's P(reached), mean over the views, each mapped back to its cell
-            front = front.unflatten(0, (B, V))[..., None]
-            front = torch.stack([data.from_symmetric(front[:, k], n, k) for k in range(V)], 1).mean(1)[..., 0]
-        return {**out, "logits": mean, "front": front,
+        reached = out.get("reached")
+        if reached is not None:  # the front head's P(reached), mean over the views, each mapped back to its cell
+            reached = reached.unflatten(0, (B, V))[..., None]
+            reached = torch.stack([data.from_symmetric(reached[:, k], n, k) for k in range(V)], 1).mean(1)[..., 0]
+        return {**out, "logits": mean, "reached": reached,
                 "state": {k: v.unflatten(0, (B, V)) for k, v in out["state"].items()}}
 
 
 class Latch(torch.nn.Module):
     """A maze model whose answer at a cell is kept once it has held: when a cell's best class has stayed the same
-    for `hold` segments in a row, each time with the cell reached by the goal's answer (the front head's P >= p, a
-    model trained with --front-weight) or, without a front head, each time with its own probability >= p, its logits
-    from then on are those of that segment, whatever the model goes on to say there (the model's state is not
-    touched). As BFS keeps the first distance it sets: an answer that held and would later be lost (probes.py
-    race) stays; one the answer has not yet reached stays free. The defaults (LATCH) were chosen on validation
-    mazes. Evaluation only, called like the model; its memory rides in the carried state (keys "latch_*", batch
-    first), so run_adaptive drops a stopped maze's memory with the rest of its state, and SymmetryMean can sit
-    inside it (the front is then the mean over the views)."""
+    for `hold` segments in a row, each time with the cell ready, its logits from then on are those of that segment,
+    whatever the model goes on to say there (the model's state is not touched). Ready: the front head's P(reached)
+    >= gate for a model trained with --front-weight (rules["front"]), else the best class's own probability >= gate
+    (rules["sure"]); rules maps each to (gate, hold), default LATCH. As BFS keeps the first distance it sets: an
+    answer that held and would later be lost (probes.py race) stays; one the goal's answer has not yet reached
+    stays free. Evaluation only, called like the model; its memory rides in the carried state (keys "latch_*",
+    batch first), so run_adaptive drops a stopped maze's memory with the rest of its state, and SymmetryMean can
+    sit inside it (P(reached) is then the mean over the views)."""
 
     def __init__(self, model, rules=None):
         super().__init__()
@@ -169,9 +170,9 @@ class Latch(torch.nn.Module):
         out = self.model(x, state=state or None, **kwargs)
         logits = out["logits"].float()
         p, best = logits.softmax(-1).max(-1)  # (B, N) each
-        front = out.get("front")
-        gate, hold = self.rules["front" if front is not None else "sure"]
-        ready = (front if front is not None else p) >= gate
+        reached = out.get("reached")
+        gate, hold = self.rules["front" if reached is not None else "sure"]
+        ready = (reached if reached is not None else p) >= gate
         if memory:
             calm = torch.where(ready & (best == memory["latch_best"]), memory["latch_calm"] + 1, ready.long())
             kept, locked = memory["latch_logits"], memory["latch_locked"]

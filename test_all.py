@@ -2429,15 +2429,16 @@ class SharpByToken(nn.Module):
         return {"logits": 10.0 * F.one_hot(x % 5, 5).float(), "state": {"h": x.float()}}
 
 
-def test_latch_keeps_an_answer_that_held_sure_and_frees_one_that_did_not(maze_run):
+def test_latch_keeps_an_answer_that_held_sure_and_frees_one_that_did_not(maze_run, monkeypatch):
     sure = lambda c: 10.0 * F.one_hot(torch.tensor(c), 5).float()  # p(c) about 0.9998
     unsure = lambda c: sure(c) * 0.2  # p(c) about 0.5: below the latch's 0.9
     # per segment, the logits of 4 cells: 0 sure of move 1 for 3 segments, then of move 2 (latched at segment 3);
     # 1 the same but unsure (never latched); 2 sure of move 1 for 2 segments only (hold 3: not latched);
-    # 3 sure of moves 1, 2, 1, 2 (its count starts again at each change)
+    # 3 sure of moves 1, 2, 1, 2 (its count starts again at each change); cell 0's new move 2 holds 3 segments too
+    # (4-6) and must not replace the kept one
     script = [torch.stack([sure(1), unsure(1), sure(1), sure(1)]), torch.stack([sure(1), unsure(1), sure(1), sure(2)]),
               torch.stack([sure(1), unsure(1), sure(2), sure(1)]), torch.stack([sure(2), unsure(2), sure(2), sure(2)]),
-              torch.stack([sure(2), unsure(2), sure(3), sure(3)])]
+              torch.stack([sure(2), unsure(2), sure(3), sure(3)]), torch.stack([sure(2), unsure(2), sure(3), sure(3)])]
 
     class Scripted(nn.Module):
         cfg = controller = None
@@ -2452,7 +2453,7 @@ def test_latch_keeps_an_answer_that_held_sure_and_frees_one_that_did_not(maze_ru
         state = out["state"]
         moves.append(out["logits"][0].argmax(-1).tolist())
         assert all(v.shape[0] == 2 for v in state.values())  # batch first: a stopped maze leaves with its memory
-    assert moves == [[1, 1, 1, 1], [1, 1, 1, 2], [1, 1, 2, 1], [1, 2, 2, 2], [1, 2, 3, 3]]
+    assert moves == [[1, 1, 1, 1], [1, 1, 1, 2], [1, 1, 2, 1], [1, 2, 2, 2], [1, 2, 3, 3], [1, 2, 3, 3]]
     torch.testing.assert_close(out["logits"][0, 0], sure(1))  # the latched cell answers with its kept logits
     assert state["latch_locked"][0].tolist() == [True, False, False, False]
     with pytest.raises(ValueError, match="no labels"):
@@ -2466,7 +2467,7 @@ def test_latch_keeps_an_answer_that_held_sure_and_frees_one_that_did_not(maze_ru
     class Reached(Scripted):
         def forward(self, x, state=None, **kw):
             out = super().forward(x, state)
-            return {**out, "front": fronts[int(out["state"]["h"][0])].expand(len(x), 4)}
+            return {**out, "reached": fronts[int(out["state"]["h"][0])].expand(len(x), 4)}
 
     latched, state, moves = evaluate.Latch(Reached()), None, []
     for _ in range(5):
@@ -2475,23 +2476,35 @@ def test_latch_keeps_an_answer_that_held_sure_and_frees_one_that_did_not(maze_ru
         moves.append(out["logits"][1].argmax(-1).tolist())
     assert moves == [[1, 1, 1, 1]] * 4 + [[1, 1, 2, 2]]
     assert state["latch_locked"][1].tolist() == [True, True, False, False]
+    # each keeps the logits of the segment it latched in (cell 0: segment 4, unsure; cell 1: segment 3, sure)
+    torch.testing.assert_close(out["logits"][1, :2], torch.stack([unsure(1), sure(1)]))
     # the front through SymmetryMean: the mean of the views' fronts, each back on its cell, so a turned maze's front
     # mapped back is the maze's own
     model = tiny_maze_model("hrm", R=2, T=2, front_weight=0.1).eval()
     torch.nn.init.normal_(model.front_head.weight, std=1.0)  # a head that differs from cell to cell
     x = torch.from_numpy(np.stack([data.encode(*loop_maze())] * 2))
     kw = dict(grid=(3, 3), n_steps=2, temperature=1.0)
-    base = evaluate.SymmetryMean(model, 8)(x, **kw)["front"]
+    base = evaluate.SymmetryMean(model, 8)(x, **kw)["reached"]
     assert base.shape == (2, 9) and base.std() > 1e-3
     for k in (1, 5):
-        turned = evaluate.SymmetryMean(model, 8)(data.symmetric_tokens(x, 3, k), **kw)["front"]
+        turned = evaluate.SymmetryMean(model, 8)(data.symmetric_tokens(x, 3, k), **kw)["reached"]
         torch.testing.assert_close(data.from_symmetric(turned[..., None], 3, k)[..., 0], base, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(model(x, **kw)["front"], model.reached(model(x, **kw)["state"]["h"]))
-    # through the command line, fixed and auto segments, with views inside
+    torch.testing.assert_close(model(x, **kw)["reached"], model.reached(model(x, **kw)["state"]["h"]))
+    # through the command line, fixed and auto segments, with views inside: the latch is called at every segment
+    calls = []
+
+    class Counted(evaluate.Latch):
+        def forward(self, *args, **kwargs):
+            calls.append(isinstance(self.model, evaluate.SymmetryMean))
+            return super().forward(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "Latch", Counted)
     for segments in ("3", "auto"):
+        calls.clear()
         result = evaluate.main([str(maze_run), "--n-test", "8", "--segments", segments, "--latch", "--symmetries",
                                 "2", "--no-progress"])
         assert result["latch"] is True and 0 <= result["optimal"] <= 1
+        assert len(calls) >= 3 and all(calls)
 
 
 def test_symmetry_mean_answers_a_turned_maze_as_the_maze_itself_over_carried_segments(maze8, maze_run):
