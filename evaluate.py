@@ -108,7 +108,25 @@ def run_adaptive(model, task, x, n_steps, temperature, cap, patience=PATIENCE, b
     return torch.cat(answers), torch.cat(used_all)
 
 
-class SymmetryMean(torch.nn.Module):
+class Scoring(torch.nn.Module):
+    """What SymmetryMean and Latch share: a maze model wrapped for scoring, called like it (run_adaptive,
+    train.evaluate) and showing its cfg and controller; it maps answers and state, not a loss or a trace, so it
+    takes no labels and no trace (ValueError)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.cfg = model, model.cfg
+
+    @property
+    def controller(self):
+        return self.model.controller
+
+    def refuse_training_inputs(self, kwargs):
+        if kwargs.get("y") is not None or kwargs.get("trace"):
+            raise ValueError(f"{type(self).__name__} scores mazes; it takes no labels and no trace")
+
+
+class SymmetryMean(Scoring):
     """A maze model that solves each maze as `views` of its 8 square symmetries at once (data.symmetry: turns,
     then a transpose) and answers with the mean of their probabilities, each mapped back to the maze as given:
     test-time augmentation, at `views` times the compute. Called like the model; its state holds every maze's views
@@ -117,16 +135,11 @@ class SymmetryMean(torch.nn.Module):
     state are mapped, not the loss or a trace, so it takes no labels and no trace."""
 
     def __init__(self, model, views):
-        super().__init__()
-        self.model, self.views, self.cfg = model, views, model.cfg
-
-    @property
-    def controller(self):
-        return self.model.controller
+        super().__init__(model)
+        self.views = views
 
     def forward(self, x, state=None, grid=None, **kwargs):
-        if kwargs.get("y") is not None or kwargs.get("trace"):
-            raise ValueError("SymmetryMean scores mazes; it takes no labels and no trace")
+        self.refuse_training_inputs(kwargs)
         B, n, V = len(x), grid[0], self.views
         views = torch.stack([data.symmetric_tokens(x, n, k) for k in range(V)], 1)  # (B, V, N)
         if state is not None:
@@ -143,7 +156,7 @@ class SymmetryMean(torch.nn.Module):
                 "state": {k: v.unflatten(0, (B, V)) for k, v in out["state"].items()}}
 
 
-class Latch(torch.nn.Module):
+class Latch(Scoring):
     """A maze model whose answer at a cell is kept once it has held: when a cell's best class has stayed the same
     for `hold` segments in a row, each time with the cell ready, its logits from then on are those of that segment,
     whatever the model goes on to say there (the model's state is not touched). Ready: the front head's P(reached)
@@ -155,24 +168,18 @@ class Latch(torch.nn.Module):
     sit inside it (P(reached) is then the mean over the views)."""
 
     def __init__(self, model, rules=None):
-        super().__init__()
-        self.model, self.rules, self.cfg = model, rules or LATCH, model.cfg
-
-    @property
-    def controller(self):
-        return self.model.controller
+        super().__init__(model)
+        self.rules = rules or LATCH
 
     def forward(self, x, state=None, **kwargs):
-        if kwargs.get("y") is not None or kwargs.get("trace"):
-            raise ValueError("Latch scores mazes; it takes no labels and no trace")
+        self.refuse_training_inputs(kwargs)
         state = dict(state or {})
         memory = {k: state.pop(k) for k in [k for k in state if k.startswith("latch_")]}
         out = self.model(x, state=state or None, **kwargs)
         logits = out["logits"].float()
-        p, best = logits.softmax(-1).max(-1)  # (B, N) each
-        reached = out.get("reached")
+        best, reached = logits.argmax(-1), out.get("reached")  # (B, N) each; reached None without a front head
         gate, hold = self.rules["front" if reached is not None else "sure"]
-        ready = (reached if reached is not None else p) >= gate
+        ready = (reached if reached is not None else logits.softmax(-1).amax(-1)) >= gate
         if memory:
             calm = torch.where(ready & (best == memory["latch_best"]), memory["latch_calm"] + 1, ready.long())
             kept, locked = memory["latch_logits"], memory["latch_locked"]
@@ -313,7 +320,8 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
             "inner_steps": inner_steps,
             "generator": (data.generator_name(generator, gen_kwargs) if generator else config.get("mazes", data.GENERATOR))
             if task_name.startswith("maze") else None,
-            "segments": segments, "symmetries": symmetries, "latch": latch, "temperature": temperature, "ablate": ablate,
+            "segments": segments, "symmetries": symmetries, "latch": latch, "temperature": temperature,
+            "ablate": ablate,
             "n_test": len(x), **per_seg[-1],
             "per_segment": per_seg, "routing": routing, "chance": chance, **extra}
 

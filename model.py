@@ -20,7 +20,7 @@ head reads the distance as a phase, (cos, sin) of 2 pi d / P: a target of the sa
 Front head (front_weight > 0, mazes): a logit, read off the same state, of whether an answer spreading from the
 goal at train.py's --wave-speed can have reached each cell by the end of the segment; an auxiliary cross-entropy
 only. Its target is 0 or 1 at every maze size and follows a local rule: a cell is reached once an open neighbour is.
-forward returns its probability as "reached" (evaluate.py --latch keeps a cell's answer once it has been reached).
+forward returns its probability as "reached" in eval mode (evaluate.py --latch keeps an answer once reached).
 
 The carried state (h, z_L, z_H) goes in and comes out of forward, detached, so train.py can run several
 segments per batch (HRM-style deep supervision).
@@ -258,7 +258,7 @@ class PoHModel(nn.Module):
         or None without y), parts (task, entropy, balance, ponder tensors; expected_steps; steps_used; in eval
         mode for routed models, usage (R, H) and modal_share (R,) from hrm_controller.routing_stats), state
         (detached), reached (B, N): the front head's P(reached) read off the returned state (the last step's, also
-        with pondering), or None without the head, and with trace=True a list with per-step alpha, p, z_L, z_H,
+        with pondering), in eval mode only, else None, and with trace=True a list with per-step alpha, p, z_L, z_H,
         h_update, logits."""
         cfg = self.cfg
         B, N = x.shape[:2]
@@ -372,7 +372,8 @@ class PoHModel(nn.Module):
             if front_terms:
                 loss = loss + cfg.front_weight * parts["front"]
         out_state = {"h": h.detach().float(), **{k: v.detach().float() for k, v in ctrl.items()}}
-        reached = self.reached(out_state["h"]) if self.front_head is not None else None
+        # only where it is read (evaluate.py --latch), not on the training path
+        reached = self.reached(out_state["h"]) if self.front_head is not None and not self.training else None
         return {"logits": logits, "loss": loss, "parts": parts, "state": out_state, "trace": steps, "reached": reached}
 
     @torch.no_grad()
