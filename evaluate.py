@@ -145,13 +145,13 @@ class SymmetryMean(Scoring):
         if state is not None:
             state = {k: v.flatten(0, 1) for k, v in state.items()}
         out = self.model(views.flatten(0, 1), state=state, grid=grid, **kwargs)
-        logp = out["logits"].float().log_softmax(-1).unflatten(0, (B, V))
-        back = torch.stack([data.from_symmetric(logp[:, k], n, k) for k in range(V)], 1)
-        mean = back.logsumexp(1) - math.log(V)  # the log of the mean probability
+        # each view's answer (B, V, N, C), mapped back to the maze as given
+        back = lambda t: torch.stack([data.from_symmetric(t[:, k], n, k) for k in range(V)], 1)
+        logp = back(out["logits"].float().log_softmax(-1).unflatten(0, (B, V)))
+        mean = logp.logsumexp(1) - math.log(V)  # the log of the mean probability
         reached = out.get("reached")
         if reached is not None:  # the front head's P(reached), mean over the views, each mapped back to its cell
-            reached = reached.unflatten(0, (B, V))[..., None]
-            reached = torch.stack([data.from_symmetric(reached[:, k], n, k) for k in range(V)], 1).mean(1)[..., 0]
+            reached = back(reached.unflatten(0, (B, V))[..., None]).mean(1)[..., 0]
         return {**out, "logits": mean, "reached": reached,
                 "state": {k: v.unflatten(0, (B, V)) for k, v in out["state"].items()}}
 
