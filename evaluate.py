@@ -235,7 +235,7 @@ def get_parser():
     p.add_argument("--out", default=None, help="write the result here as JSON")
     p.add_argument("--latch", action="store_true", help="mazes: a cell keeps its answer once its best move has "
                    "held a few segments with the cell reached (front head) or sure (Latch, LATCH)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar for --segments auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it goes to stderr)")
     return p
 
 
@@ -308,7 +308,8 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
                  "segments_per_item": used.tolist()}
     else:
         scored = train.evaluate(model, task, x, y, segments, n_steps=inner_steps, temperature=temperature,
-                                batch_size=batch_size, device=device, ablate=ablate, keep_logits=bool(by_distance))
+                                batch_size=batch_size, device=device, ablate=ablate, keep_logits=bool(by_distance),
+                                progress=progress)
         per_seg, routing, logits = scored["per_segment"], scored["routing"], scored.get("logits")
     if by_distance:
         extra["by_distance"] = data.accuracy_by_distance(logits, x, y, by_distance)

@@ -1389,6 +1389,11 @@ def test_accuracy_by_distance_bands_the_cells_by_their_moves_to_the_goal(maze_ru
             out = model.eval()(x, state=state, temperature=1.0, grid=task.grid)
             state = out["state"]
     torch.testing.assert_close(kept, out["logits"].float(), rtol=1e-4, atol=1e-5)
+    # with fixed segments too, the progress bar counts the items scored and changes nothing
+    capsys.readouterr()
+    shown = train.evaluate(model, task, x, y, 3, temperature=1.0, batch_size=5, keep_logits=True, progress=True)
+    assert torch.equal(shown["logits"], kept)
+    assert "items scored" in (err := capsys.readouterr().err) and "8/8" in err and "segment=3/3" in err
     with pytest.raises(SystemExit, match="--by-distance must be >= 1"):
         evaluate.main([str(maze_run), "--by-distance", "0"])
 

@@ -603,7 +603,7 @@ class Carry:
 
 @torch.no_grad()
 def evaluate(model, task, x, y, segments, n_steps=None, temperature=1.0, batch_size=256, device="cpu", amp=None,
-             ablate=None, per_item=False, keep_logits=False):
+             ablate=None, per_item=False, keep_logits=False, progress=False):
     """Run `segments` segments over (x, y) and score each one. Returns a dict:
       per_segment  one metric dict per segment, averaged over all items: the task's metrics, the mean inner steps
                    used and, for a routed model, head_min (the share of tokens that keep the least kept head, lowest
@@ -613,13 +613,16 @@ def evaluate(model, task, x, y, segments, n_steps=None, temperature=1.0, batch_s
                    or None when nothing is routed;
       items        with per_item=True: the last segment's metrics per item, a list per metric, in the order of x;
       logits       with keep_logits=True (a fixed-length task): the last segment's logits (len(x), N, C) on the CPU.
-    ablate: one of hrm_controller.ABLATIONS, to score the model with its routing replaced."""
+    ablate: one of hrm_controller.ABLATIONS, to score the model with its routing replaced. progress: a bar of the
+    items scored, with the segment the batch is at (evaluate.py: a 48x48 pool runs for many minutes)."""
     model.eval()
     items = [dict() for _ in range(segments)]  # per segment, per metric: every item's value
     totals = [dict() for _ in range(segments)]  # per segment: batch-level numbers, weighted by batch size
     usage = modal = None
     kept = []  # keep_logits: the last segment's logits of each batch
     gen = torch.Generator().manual_seed(0)  # the ablations' random draws: the same on every call
+    bar = tqdm(total=len(x), desc="items scored", unit="item", disable=not progress, dynamic_ncols=True,
+               miniters=0, mininterval=1.0)
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
         xb, yb = (task.trim(xb, yb) if hasattr(task, "trim") else (xb, yb))  # variable length: no padding beyond the batch
@@ -630,6 +633,8 @@ def evaluate(model, task, x, y, segments, n_steps=None, temperature=1.0, batch_s
                 out = model(xb, state=state, temperature=temperature, grid=task.grid, n_steps=n_steps,
                             ablate=ablate, ablate_gen=gen)
             state, parts, last = out["state"], out["parts"], s == segments - 1
+            bar.set_postfix(segment=f"{s + 1}/{segments}", refresh=False)
+            bar.update(len(xb) if last else 0)  # redraws at most once a second (miniters=0)
             for k, v in task.metrics(out["logits"], xb, yb, per_item=True).items():
                 items[s].setdefault(k, []).extend(v)
             scores = {"steps_used": float(parts["steps_used"])}
@@ -644,6 +649,7 @@ def evaluate(model, task, x, y, segments, n_steps=None, temperature=1.0, batch_s
                 totals[s][k] = totals[s].get(k, 0.0) + v * len(xb)
             if last and keep_logits:
                 kept.append(out["logits"].float().cpu())
+    bar.close()
     model.train()
     # means over items; a metric an item has no value for (NaN: exact for a maze without a unique path) is left out
     per_segment = [{**item_means(it), **{k: v / len(x) for k, v in t.items()}}
