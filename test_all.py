@@ -1376,7 +1376,10 @@ def test_accuracy_by_distance_bands_the_cells_by_their_moves_to_the_goal(maze_ru
     bands = result["by_distance"]
     mean = sum(b["cells"] * b["cell_acc"] for b in bands) / sum(b["cells"] for b in bands)
     assert mean == pytest.approx(result["per_segment"][-1]["cell_acc"], abs=1e-6)
-    assert "0-2 moves from the goal: cell_acc" in capsys.readouterr().out
+    shown = capsys.readouterr()
+    assert "0-2 moves from the goal: cell_acc" in shown.out and "items scored" in shown.err  # a bar with fixed segments
+    evaluate.main([str(maze_run), "--n-test", "12", "--segments", "2", "--no-progress"])
+    assert "items scored" not in capsys.readouterr().err
     # the logits train.evaluate keeps are the last segment's: the model run by hand, segment after segment
     model, ckpt = train.load_checkpoint(train.checkpoint_file(str(maze_run)))
     task = data.make_task("maze5", n_train=60, n_val=0, n_test=8, cache_dir=str(maze_run.parent / "cache"),
