@@ -32,7 +32,6 @@ import json
 import math
 
 import torch
-from tqdm import tqdm
 
 import data
 import train
@@ -70,8 +69,7 @@ def run_adaptive(model, task, x, n_steps, temperature, cap, patience=PATIENCE, b
     that have stopped (a large maze that never settles runs all `cap` segments, which can take minutes)."""
     model.eval()
     answers, used_all = [], []
-    bar = tqdm(total=len(x), desc="items stopped", unit="item", disable=not progress, dynamic_ncols=True,
-               miniters=0, mininterval=1.0)
+    bar = train.item_bar(len(x), "items stopped", progress)
     gen = torch.Generator().manual_seed(0)  # the ablations' random draws, as in train.evaluate
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size].to(device)

@@ -601,6 +601,13 @@ class Carry:
         self.dist = self.distances(self.x)
 
 
+def item_bar(total, desc, enabled):
+    """The progress bar of evaluate and evaluate.run_adaptive: items done out of `total`, on stderr, redrawn at most
+    once a second, also by an update of 0 (miniters=0), so a postfix set each segment shows while a batch runs."""
+    return tqdm(total=total, desc=desc, unit="item", disable=not enabled, dynamic_ncols=True, miniters=0,
+                mininterval=1.0)
+
+
 @torch.no_grad()
 def evaluate(model, task, x, y, segments, n_steps=None, temperature=1.0, batch_size=256, device="cpu", amp=None,
              ablate=None, per_item=False, keep_logits=False, progress=False):
@@ -621,8 +628,7 @@ def evaluate(model, task, x, y, segments, n_steps=None, temperature=1.0, batch_s
     usage = modal = None
     kept = []  # keep_logits: the last segment's logits of each batch
     gen = torch.Generator().manual_seed(0)  # the ablations' random draws: the same on every call
-    bar = tqdm(total=len(x), desc="items scored", unit="item", disable=not progress, dynamic_ncols=True,
-               miniters=0, mininterval=1.0)
+    bar = item_bar(len(x), "items scored", progress)
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
         xb, yb = (task.trim(xb, yb) if hasattr(task, "trim") else (xb, yb))  # variable length: no padding beyond the batch
@@ -634,7 +640,7 @@ def evaluate(model, task, x, y, segments, n_steps=None, temperature=1.0, batch_s
                             ablate=ablate, ablate_gen=gen)
             state, parts, last = out["state"], out["parts"], s == segments - 1
             bar.set_postfix(segment=f"{s + 1}/{segments}", refresh=False)
-            bar.update(len(xb) if last else 0)  # redraws at most once a second (miniters=0)
+            bar.update(len(xb) if last else 0)
             for k, v in task.metrics(out["logits"], xb, yb, per_item=True).items():
                 items[s].setdefault(k, []).extend(v)
             scores = {"steps_used": float(parts["steps_used"])}
