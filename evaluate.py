@@ -15,14 +15,15 @@ with more inner steps and segments (size generalisation), or an old run under ne
 
 Defaults: the checkpoint's task, inner steps, segments and training temperature, and the test split of its data
 seed (the same items train.py's test.json was measured on; other maze sizes get their own cached pools from the
-same seeds). Prints the metrics of every segment and writes them as JSON with --out. The model never trains here.
+same seeds). Prints the metrics of every segment (with fixed --segments; with auto, of the answers where each
+item stopped) and writes them as JSON with --out. The model never trains here.
 
---segments auto: each item runs segments until its answer has stayed the same for PATIENCE segments, up to a cap
+--segments auto: each item runs segments until its answer has come out the same in PATIENCE more segments, up to a cap
 that grows with the grid (segment_cap): for a maze the decoded path from the start, once it reaches the goal (cells
 off the path may go on changing), for other tasks the argmax class of every token (answer_keys). The answer is
 taken where the item stopped, and the segments used are reported (mean, max, per item in the JSON).
 
---latch (Latch): a maze cell keeps its answer once its best move has held for LATCH's segments, each time with the
+--latch (Latch): a maze cell keeps its answer once its best move has held for LATCH's segments in a row, each with the
 cell reached by the goal's answer (the front head of a model trained with train.py --front-weight) or, without a
 front head, sure of it; with fixed segments and with auto alike.
 """
@@ -37,10 +38,10 @@ import data
 import train
 from hrm_controller import ABLATIONS
 
-PATIENCE = 3  # segments an item's answer must stay unchanged before it stops (--segments auto)
-# --latch (Latch), gate and hold: a cell keeps its answer once its best move has held `hold` segments in a row, each
-# time with the front head's P(reached) >= gate ("front": a model with the head) or the move's probability >= gate
-# ("sure": a model without it); chosen on validation mazes (docs/experiments.md)
+PATIENCE = 3  # --segments auto: an item stops when PATIENCE segments in a row repeat the answer before them
+# --latch (Latch), gate and hold: a cell keeps its answer once its best move has been the same in `hold` segments in
+# a row (the first of them counted), each time with the front head's P(reached) >= gate ("front": a model with the
+# head) or the move's probability >= gate ("sure": a model without it); chosen on validation mazes (docs/)
 LATCH = {"front": (0.5, 3), "sure": (0.9, 3)}
 
 
@@ -108,16 +109,12 @@ def run_adaptive(model, task, x, n_steps, temperature, cap, patience=PATIENCE, b
 
 class Scoring(torch.nn.Module):
     """What SymmetryMean and Latch share: a maze model wrapped for scoring, called like it (run_adaptive,
-    train.evaluate) and showing its cfg and controller; it maps answers and state, not a loss or a trace, so it
-    takes no labels and no trace (ValueError)."""
+    train.evaluate) and showing its cfg; it maps answers and state, not a loss or a trace, so it takes no labels
+    and no trace (ValueError)."""
 
     def __init__(self, model):
         super().__init__()
         self.model, self.cfg = model, model.cfg
-
-    @property
-    def controller(self):
-        return self.model.controller
 
     def refuse_training_inputs(self, kwargs):
         if kwargs.get("y") is not None or kwargs.get("trace"):
@@ -204,7 +201,8 @@ def get_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a checkpoint file, or a run folder (its best.pt)")
     p.add_argument("--task", default=None, help="task to score on (default: the checkpoint's)")
-    p.add_argument("--inner-steps", type=int, default=None, help="inner steps per segment (default: the model's R)")
+    p.add_argument("--inner-steps", type=int, default=None, help="inner steps per segment (default: the run's "
+                   "--eval-steps, else its R)")
     p.add_argument("--segments", default=None, help="segments with carried state (default: the run's), or auto: "
                    "until each item's answer is stable, up to a cap that grows with the grid")
     p.add_argument("--n-test", type=int, default=None, help="test items (default: as many as the run was tested on "
@@ -232,17 +230,17 @@ def get_parser():
                    "segments into this PNG")
     p.add_argument("--out", default=None, help="write the result here as JSON")
     p.add_argument("--latch", action="store_true", help="mazes: a cell keeps its answer once its best move has "
-                   "held a few segments with the cell reached (front head) or sure (Latch, LATCH)")
+                   "held 3 segments in a row with the cell reached (front head) or sure (Latch, LATCH)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it goes to stderr)")
     return p
 
 
 def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, data_dir=None,
           batch_size=64, device="cpu", ablate=None, generator=None, gen_kwargs=None, by_distance=None,
-          data_seed=None, progress=False, symmetries=1, latch=False):
+          data_seed=None, progress=False, symmetries=1, latch=False, plot=False):
     """Returns {"checkpoint" (the file scored), "step", "task", "data_seed", "inner_steps", "generator" (mazes: the
-    kind scored, else None), "segments", "symmetries", "temperature", "ablate", "n_test", **final segment metrics,
-    "per_segment": [...], "routing": last segment's per-step head usage or None, "chance": {...}}; with
+    kind scored, else None), "segments", "symmetries", "latch", "temperature", "ablate", "n_test", **final segment
+    metrics, "per_segment": [...], "routing": last segment's per-step head usage or None, "chance": {...}}; with
     segments="auto" also "segments_used" (mean), "segments_max", "segment_cap" and "segments_per_item", and
     per_segment holds the one set of metrics of the answers where each item stopped; with by_distance (mazes) also
     "by_distance", data.accuracy_by_distance of the answers (the last segment's, or where each item stopped)."""
@@ -261,24 +259,22 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
     run_seed = config.get("data_seed", 0)
     seed = run_seed if data_seed is None else data_seed
     same = task_name == own and generator is None and seed == run_seed
-    if generator is not None and not task_name.startswith("maze"):
-        raise ValueError("--generator applies to maze tasks only")
     if data_seed is not None and task_name == "ud_ewt":
         raise ValueError("--data-seed: ud_ewt has one fixed dev and test set; there are no other pools to score")
-    if by_distance and not task_name.startswith("maze"):
-        raise ValueError("--by-distance applies to maze tasks only")
     if not 1 <= symmetries <= 8:
         raise ValueError(f"--symmetries must be 1 to 8, got {symmetries}")
-    if symmetries != 1 and not task_name.startswith("maze"):
-        raise ValueError("--symmetries applies to maze tasks only")
-    if latch and not task_name.startswith("maze"):
-        raise ValueError("--latch applies to maze tasks only")
+    maze = train.task_kind(task_name) == "maze"
+    for flag, given in (("--generator", generator is not None), ("--by-distance", by_distance),
+                        ("--symmetries", symmetries != 1), ("--latch", latch), ("--plot", plot)):
+        if given and not maze:  # here, before the scoring, which can take an hour (plot: the caller draws)
+            raise ValueError(f"{flag} applies to mazes only; {task_name} is not a maze task")
     n_test = n_test or (config.get("n_test") if same else 1000)  # None: the task's own default, as train.py
     task = data.make_task(task_name, seed=seed, n_train=config.get("n_train") if same else 100,
                           n_val=config.get("n_val") if same else 0, n_test=n_test,
                           cache_dir=data_dir or train.run_data_dir(config, path),
                           target=config.get("target", "direction"), progress=False,
-                          upos=config.get("upos") == "gold",  # the run's own mix of maze kinds unless --generator
+                          upos=config.get("upos") == "gold",
+                          # the run's own mix of maze kinds unless --generator
                           kinds=([(generator, gen_kwargs)] if generator
                                  else data.parse_kinds(config.get("mazes", data.GENERATOR))))
     if (task.vocab_size, task.n_classes) != (model.cfg.vocab_size, model.cfg.n_classes):
@@ -318,7 +314,7 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
     return {"checkpoint": path, "step": ckpt.get("step"), "task": task_name, "data_seed": seed,
             "inner_steps": inner_steps,
             "generator": (data.generator_name(generator, gen_kwargs) if generator else config.get("mazes", data.GENERATOR))
-            if task_name.startswith("maze") else None,
+            if maze else None,
             "segments": segments, "symmetries": symmetries, "latch": latch, "temperature": temperature,
             "ablate": ablate,
             "n_test": len(x), **per_seg[-1],
@@ -341,10 +337,12 @@ def main(argv=None):
     except ValueError as exc:
         raise SystemExit(f"error: --gen-arg: {exc}") from None
     try:
-        result = score(args.checkpoint, args.task, args.inner_steps, args.segments, args.n_test, args.data_dir,
-                       args.batch_size, train.pick_device(args.device), args.ablate_routing, args.generator,
-                       gen_kwargs or None, args.by_distance, args.data_seed,
-                       progress=not args.no_progress, symmetries=args.symmetries, latch=args.latch)
+        result = score(args.checkpoint, task_name=args.task, inner_steps=args.inner_steps, segments=args.segments,
+                       n_test=args.n_test, data_dir=args.data_dir, batch_size=args.batch_size,
+                       device=train.pick_device(args.device), ablate=args.ablate_routing, generator=args.generator,
+                       gen_kwargs=gen_kwargs or None, by_distance=args.by_distance, data_seed=args.data_seed,
+                       progress=not args.no_progress, symmetries=args.symmetries, latch=args.latch,
+                       plot=bool(args.plot))
     except (FileNotFoundError, ValueError) as exc:  # ValueError: also an argument the generator does not take
         raise SystemExit(f"error: {exc}") from None
     print(f"{result['checkpoint']} (step {result['step']}) on {result['task']}"
@@ -359,8 +357,9 @@ def main(argv=None):
               f"(cap {result['segment_cap']}, an item stops when its answer (a maze: its path) is unchanged for "
               f"{PATIENCE} segments)")
         print("  answers: " + " ".join(f"{k} {v:.4f}" for k, v in result["per_segment"][0].items()))
-    for s, seg in enumerate(result["per_segment"] if result["segments"] != "auto" else []):
-        print(f"  segment {s + 1}: " + " ".join(f"{k} {v:.4f}" for k, v in seg.items()))
+    else:
+        for s, seg in enumerate(result["per_segment"]):
+            print(f"  segment {s + 1}: " + " ".join(f"{k} {v:.4f}" for k, v in seg.items()))
     for band in result.get("by_distance", []):
         print(f"  {band['from']}-{band['to'] - 1} moves from the goal: cell_acc {band['cell_acc']:.4f} "
               f"({band['cells']} cells)")
@@ -375,14 +374,12 @@ def main(argv=None):
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=2)
-        if args.plot and result["task"].startswith("maze"):
+        if args.plot:
             import plots  # here: matplotlib only when a picture is asked for
             title = f"{result['task']} ({result['generator']}), {result['n_test']} mazes"
             print(f"wrote {plots.segments_plot(result['per_segment'], args.plot, title)}")
     except OSError as exc:
         raise SystemExit(f"error: cannot write {exc.filename} ({exc.strerror})") from None
-    if args.plot and not result["task"].startswith("maze"):
-        raise SystemExit(f"error: --plot draws mazes' reach and optimal; {result['task']} is not a maze task")
     return result
 
 
