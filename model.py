@@ -3,7 +3,7 @@ The recurrent PoH model: one small transformer applied R times ("inner steps"), 
 
     e = embed(x);  h = e (detached, before dropout);  controller state = zeros
     for t in 0..R-1:
-        alpha_t, state = controller(h + e, state, t)      (B, N, H)   or uniform for controller="none"
+        alpha_t, state = controller(h + e, state, t)      (B, N, H); uniform for "none", heads 0..top_k-1 for "fixed"
         h = blocks(norm(h) + e, alpha_t)                   input injection, then the L PoH blocks
         logits_t = head(norm(h))                           (B, N, C), only at the steps whose answer is used
 
@@ -13,7 +13,8 @@ Supervision over the inner steps: supervise="last", "all" or "every-k" (every k-
 Pondering (ponder_weight > 0, PonderNet-style): a halting head gives lambda_t per sample, the halting
 distribution p_t = lambda_t * prod_{j<t}(1 - lambda_j) (the remainder on the last step), the task loss is
 sum_t p_t L_t and the regulariser KL(p || truncated Geometric(ponder_prior)). A sample's answer is taken at the
-first step where its cumulative halting probability reaches 0.5.
+first step where its cumulative halting probability reaches 0.5. Pondering weighs every step's loss, so
+`supervise` plays no part; with tbptt the steps run without gradient weigh the loss but learn nothing from it.
 Distance head (dist_weight > 0, mazes): a linear read of each cell's BFS distance to the goal off the state the
 answer comes from, an auxiliary loss only (distance_loss); the answer never reads it. With dist_period P > 0 the
 head reads the distance as a phase, (cos, sin) of 2 pi d / P: a target of the same range at every maze size.
@@ -43,7 +44,7 @@ from poh_block import BlockConfig, PoHBlock, local_mask, neighbour_index, open_m
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 48  # input tokens (48 for mazes: 4 wall bits x {plain, start, goal})
+    vocab_size: int = 48  # input tokens (48 for mazes: 16 open-side patterns x 3 roles: plain, start, goal)
     n_classes: int = 5  # output classes per token (5 for the maze direction field)
     d_model: int = 128  # token width
     n_heads: int = 4  # attention heads, the units the controller routes
@@ -102,6 +103,9 @@ class ModelConfig:
             (self.output == "classes" or self.ponder_weight == 0, "pondering needs per-token classes, not biaffine"),
             (self.dist_weight >= 0, f"dist-weight must be >= 0, got {self.dist_weight}"),
             (self.dist_period == 0 or self.dist_period >= 3, f"dist-period must be 0 or >= 3, got {self.dist_period}"),
+            (self.front_weight >= 0, f"front-weight must be >= 0, got {self.front_weight}"),
+            (self.front_weight == 0 or self.supervise == "last",  # its target is where the front is at the segment's end
+             "front-weight needs supervise last"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -224,7 +228,8 @@ class PoHModel(nn.Module):
         elif isinstance(module, nn.GRUCell):
             # PyTorch's default biases are random and the same for every token; in a GRU this small they outweigh
             # the token-dependent input, so every token got the same router logits and top-k the same heads
-            # (router collapse at step 0, DESIGN.md trap 9). Zero biases leave the routing to the token's state.
+            # (router collapse at step 0; test_routing_at_initialisation_is_per_token_not_one_head_set). Zero
+            # biases leave the routing to the token's state.
             nn.init.zeros_(module.bias_ih)
             nn.init.zeros_(module.bias_hh)
 
@@ -331,8 +336,9 @@ class PoHModel(nn.Module):
                     logit = self.front_head(out).squeeze(-1).float()
                     front_terms.append(F.binary_cross_entropy_with_logits(logit[known], front[known].float()))
             if trace:
-                steps.append({"alpha": alpha, "p": p, "h_update": h_update if h_update is None else h_update.detach(),
-                              "logits": logits.detach() if torch.is_tensor(logits) else tuple(t.detach() for t in logits),
+                detach = lambda v: v if v is None else v.detach()  # a trace is for reading: no graph kept
+                steps.append({"alpha": detach(alpha), "p": detach(p), "h_update": detach(h_update),
+                              "logits": detach(logits) if torch.is_tensor(logits) else tuple(map(detach, logits)),
                               **{k: v.detach().clone() for k, v in ctrl.items()}})
 
         zero = torch.zeros((), device=x.device)
@@ -352,7 +358,7 @@ class PoHModel(nn.Module):
             kl = (p_halt * (p_halt.clamp_min(1e-12).log() - prior.log())).sum(1).mean()
             steps_idx = torch.arange(1, R + 1, device=x.device, dtype=torch.float32)
             parts["expected_steps"] = (p_halt * steps_idx).sum(1).mean()
-            parts["ponder"] = cfg.ponder_weight * kl
+            parts["ponder"] = kl  # unweighted, like the other parts; the loss below weighs it
             parts["halt_p"] = p_halt
             # a sample answers at the first step where its cumulative halting probability reaches 0.5
             stop = (p_halt.cumsum(1) >= 0.5).float().argmax(1)  # (B,)
@@ -366,7 +372,8 @@ class PoHModel(nn.Module):
                 parts["task"] = torch.stack(task_terms).mean()
         loss = None
         if y is not None:
-            loss = parts["task"] + parts["ponder"] + entropy_weight * entropy + balance_weight * balance
+            loss = (parts["task"] + cfg.ponder_weight * parts["ponder"] + entropy_weight * entropy
+                    + balance_weight * balance)
             if dist_terms:
                 loss = loss + cfg.dist_weight * parts["dist"]
             if front_terms:

@@ -1,11 +1,11 @@
 """
 Load a trained maze checkpoint, solve fresh mazes, print them as ASCII and draw them.
 
-    python sample_maze.py runs/maze12-hrm-s0/best.pt                          # 4 fresh 12x12 mazes
-    python sample_maze.py runs/maze12-hrm-s0 --num-samples 8 --seed 3 --out out/samples.png
-    python sample_maze.py runs/maze12-hrm-s0 --grid-n 16 --inner-steps 12     # larger than trained, more steps
-    python sample_maze.py runs/maze12-hrm-s0 --show-steps --diag              # refinement strip, routing diagnostics
-    python sample_maze.py runs/maze12-hrm-s0 --grid-n 24 --generator gen_dfs_percolation --gen-arg p=0.1  # loops
+    python sample_maze.py pretrained/maze12-hrm                             # 4 fresh 12x12 mazes
+    python sample_maze.py pretrained/maze12-hrm --num-samples 8 --seed 3 --out out/samples.png
+    python sample_maze.py pretrained/maze12-hrm --grid-n 16 --inner-steps 12  # larger than trained, more steps
+    python sample_maze.py pretrained/maze12-hrm --show-steps --diag           # refinement strip, routing diagnostics
+    python sample_maze.py runs/maze12-hrm-s0/best.pt --grid-n 24 --generator gen_dfs_percolation --gen-arg p=0.1
 
 The checkpoint is a file (best.pt, ckpt.pt) or a run folder (its best.pt). Fresh mazes come from a maze-dataset
 generator (--generator, default DFS; --gen-arg for its arguments) with seed 1,000,000 + --seed, a stream apart
@@ -81,18 +81,20 @@ def fresh_mazes(n, count, seed, target, generator=data.GENERATOR, gen_kwargs=Non
 
 
 @torch.no_grad()
-def run_traced(model, x, grid, segments, n_steps, temperature, patience=None):
+def run_traced(model, x, grid, segments, n_steps, temperature, patience=None, trace=True):
     """Run `segments` forwards carrying the state, as train.evaluate does, keeping every inner step's trace; with
     `patience`, stop early once every maze's decoded path has reached the goal and not changed for that many
     segments (segments is then the cap, as in evaluate.py --segments auto, which stops each maze on its own). Returns
     the final logits (B, N, C) and a list of per-step dicts with 'seg' (from 1) and 't' (from 0) added (the segments
-    run: steps[-1]['seg'])."""
+    run: steps[-1]['seg']). trace=False keeps no tensors, only one {'seg', 't'} per segment (its last step): a
+    large grid's hundreds of segments would otherwise hold every step's state."""
     model.eval()
     state, steps, previous, calm = None, [], None, 0
     for s in range(segments):
-        out = model(x, state=state, temperature=temperature, grid=grid, n_steps=n_steps, trace=True)
+        out = model(x, state=state, temperature=temperature, grid=grid, n_steps=n_steps, trace=trace)
         state = out["state"]
-        steps += [{"seg": s + 1, "t": t, **step} for t, step in enumerate(out["trace"])]
+        steps += ([{"seg": s + 1, "t": t, **step} for t, step in enumerate(out["trace"])] if trace
+                  else [{"seg": s + 1, "t": n_steps - 1}])
         if patience is None:
             continue
         answer = data.decoded_paths(out["logits"], x)  # as evaluate.py --segments auto watches each maze
@@ -200,7 +202,8 @@ def get_parser():
     p.add_argument("--segments", default=None, help="segments, or auto: until every maze's answer is stable (as "
                    "evaluate.py; default: the checkpoint's on its own grid size, auto on another)")
     p.add_argument("--out", default=None, help="PNG of the solved mazes (default <run folder>/samples.png)")
-    p.add_argument("--show-steps", action="store_true", help="also draw the first maze after every inner step")
+    p.add_argument("--show-steps", action="store_true", help="also draw the first maze at up to --max-panels "
+                   "inner steps, evenly spaced over all segments")
     p.add_argument("--max-panels", type=int, default=12, help="--show-steps: at most this many steps, evenly spaced")
     p.add_argument("--diag", action="store_true", help="print routing per inner step and draw a head-usage heatmap")
     p.add_argument("--no-ascii", action="store_true", help="print only the metrics, not the mazes")
@@ -213,6 +216,8 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     train.check_at_least(("--num-samples", args.num_samples, 1), ("--grid-n", args.grid_n, 3),
                          ("--inner-steps", args.inner_steps, 1), ("--max-panels", args.max_panels, 1))
+    if args.grid_n and args.grid_n > 64:  # as data.make_task: the labels' distances are stored as int16
+        raise SystemExit(f"error: --grid-n must be <= 64, got {args.grid_n}")
     try:
         gen_kwargs = data.parse_gen_args(args.gen_arg)
     except ValueError as exc:
@@ -244,7 +249,8 @@ def main(argv=None):
     except ValueError as exc:  # no such generator, an argument it does not take, mazes it cannot make
         raise SystemExit(f"error: {exc}") from None
     logits, steps = run_traced(model, x.to(device), (n, n), cap, n_steps, temperature,
-                               patience=evaluate.PATIENCE if segments == "auto" else None)
+                               patience=evaluate.PATIENCE if segments == "auto" else None,
+                               trace=args.show_steps or args.diag)
     if segments == "auto":
         print(f"ran {steps[-1]['seg']} segments (every path at the goal and unchanged for {evaluate.PATIENCE} "
               f"segments, or the cap)")

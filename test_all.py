@@ -1483,6 +1483,19 @@ def test_sample_maze_bad_counts_give_one_line_errors(maze_run, flag, value, leas
     assert str(exc.value.code) == f"error: {flag} must be >= {least}, got {value}"
 
 
+def test_sample_maze_refuses_grids_over_64_and_runs_untraced_to_the_same_answer(maze_run):
+    with pytest.raises(SystemExit) as exc:
+        sample_maze.main([str(maze_run), "--grid-n", "65"])
+    assert str(exc.value.code) == "error: --grid-n must be <= 64, got 65"
+    x = torch.randint(0, 48, (2, 9), generator=torch.Generator().manual_seed(1))
+    model = tiny_maze_model("hrm")
+    traced, steps = sample_maze.run_traced(model, x, (3, 3), segments=3, n_steps=2, temperature=1.0)
+    plain, light = sample_maze.run_traced(model, x, (3, 3), segments=3, n_steps=2, temperature=1.0, trace=False)
+    torch.testing.assert_close(plain, traced)  # the trace only watches
+    assert len(steps) == 6 and "alpha" in steps[0]
+    assert light == [{"seg": 1, "t": 1}, {"seg": 2, "t": 1}, {"seg": 3, "t": 1}]  # no tensors kept
+
+
 def test_sample_maze_missing_or_foreign_checkpoint_gives_one_line_error(tmp_path, capsys):
     cases = [(tmp_path / "nope.pt", "no checkpoint at")]
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
@@ -2326,6 +2339,10 @@ def test_the_periodic_distance_target_is_a_phase_that_turns_once_every_period():
     assert m.dist_head.weight.grad.abs().sum() > 0 and m.blocks[0].mlp[0].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="dist-period"):
         tiny_maze_model("hrm", R=2, dist_weight=0.5, dist_period=2)
+    with pytest.raises(ValueError, match="front-weight needs supervise last"):  # its target is the segment's end
+        tiny_maze_model("hrm", R=2, front_weight=0.1, supervise="all")
+    with pytest.raises(ValueError, match="front-weight must be >= 0"):
+        tiny_maze_model("hrm", R=2, front_weight=-0.1)
 
 
 def test_a_users_own_mazes_are_encoded_and_scored_per_item_through_the_public_api(tmp_path):
