@@ -1,16 +1,19 @@
-"""Tasks for hrm-poh: perfect mazes (maze-dataset, gen_dfs) and sorting under partial observability.
+"""Tasks for hrm-poh: mazes (maze-dataset generators: perfect DFS mazes by default, mixes with loops by --mazes)
+and sorting under partial observability.
 
 Every task maps a grid of input tokens to one class per token and scores logits with its own metrics:
-  maze12   12x12 DFS maze, one token per cell = 4 open-side bits + 16 * role (0 plain, 1 start, 2 goal);
-           label = direction to the goal (N,E,S,W, 4 = goal) or on-path bit; scored by a greedy rollout.
+  maze12   12x12 mazes, one token per cell = 4 open-side bits + 16 * role (0 plain, 1 start, 2 goal); label = a
+           bitmask of every move (N,E,S,W; bit 4: the goal) along a shortest path, or the on-path bit; scored by a
+           greedy rollout from the start (reach, optimal, exact, cell_acc, unique).
   sort12   12 distinct integers in [-100, 100), half hidden by a mask token; label = rank of each element;
-           scored by Kendall tau-a of a greedy assignment of the rank logits. sort12-visible hides nothing.
+           scored by Kendall tau-a of the expected ranks (tau_assign: of a greedy assignment). sort12-visible
+           hides nothing.
 
-    task = make_task("maze12")       # generates and caches 12,000 mazes in data_cache/ (about 2 min, once)
+    task = make_task("maze12")       # generates and caches 12,000 mazes in data_cache/ (3-4 minutes, once)
     x, y = task.train_batch(64, torch.Generator().manual_seed(0))
     x_val, y_val = task.split("val")
     logits = model(x_val, grid=task.grid)["logits"]  # a model.PoHModel; without grid a maze runs as one row
-    print(task.metrics(logits, x_val, y_val))   # {"reach": ..., "optimal": ..., "exact": ..., "cell_acc": ...}
+    print(task.metrics(logits, x_val, y_val))   # {"reach", "optimal", "exact", "cell_acc", "unique": floats}
 
 Tests: python -m pytest -q test_all.py -k "maze or sort"
 """
@@ -441,9 +444,10 @@ def maze_dataset_chunk(n, count, seed, generator=GENERATOR, gen_kwargs=None):
     """`count` SolvedMazes from maze-dataset, serial (the parallel path is not reproducible), nothing saved.
     generator: a LatticeMazeGenerators method name (gen_dfs, gen_dfs_percolation, gen_wilson, ...), gen_kwargs its
     keyword arguments (e.g. {"p": 0.1} for gen_dfs_percolation)."""
-    # imported here: it takes about 2 s and the sorting tasks never need it
-    from maze_dataset import LatticeMazeGenerators, MazeDataset, MazeDatasetConfig
     with preserved_global_rngs(), warnings.catch_warnings():
+        # imported here: it takes about 2 s and the sorting tasks never need it; inside the guard, since its first
+        # import draws from Python's global random state
+        from maze_dataset import LatticeMazeGenerators, MazeDataset, MazeDatasetConfig
         warnings.simplefilter("ignore")  # it warns whenever the seed differs from its global default
         if not generator.startswith("gen_") or not hasattr(LatticeMazeGenerators, generator):
             raise ValueError(f"maze-dataset has no generator {generator!r}")
@@ -522,7 +526,12 @@ def load_mazes(n, count, seed, cache_dir="data_cache", progress=True, generator=
     os.makedirs(cache_dir, exist_ok=True)
     # write then rename, so an interrupted run never leaves a half-written file under the real name
     with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".tmp", delete=False) as tmp:
-        np.savez(tmp, **pool)
+        try:
+            np.savez(tmp, **pool)
+        except BaseException:  # a full disk, Ctrl-C: no stray .tmp file left in the cache
+            tmp.close()
+            os.unlink(tmp.name)
+            raise
     os.replace(tmp.name, path)
     return pool
 
@@ -601,7 +610,7 @@ class MazeTask:
 
     def chance(self, x, y, seed=0):
         """The metrics of the same greedy rollout on random scores: the level a model must clear. DFS mazes have
-        long corridors with no choice in them, so chance solves a few percent of 12x12 mazes, not zero."""
+        long corridors with no choice in them, so chance solves about 0.12 of 12x12 DFS mazes, not zero."""
         g = torch.Generator().manual_seed(seed)
         return maze_metrics(torch.randn(*x.shape, self.n_classes, generator=g), x, y)
 

@@ -1864,6 +1864,7 @@ def test_bad_checkpoints_give_one_line_errors_and_are_left_as_they_were(tmp_path
         (good, ["--seed", "7"], "(saved, flags): {'seed': (0, 7)}"),  # another data order
         (good, ["--batch-size", "8"], "(saved, flags): {'batch_size': (4, 8)}"),
         (good, ["--segments", "4"], "(saved, flags): {'segments': (2, 4)}"),
+        (good, ["--n-val", "20"], "(saved, flags): {'n_val': (12, 20)}"),  # best.pt is picked on one validation set
     ]
     for content, extra, message in cases:
         (run / "ckpt.pt").write_bytes(content)
@@ -1937,6 +1938,18 @@ def test_init_from_may_change_the_inner_steps_and_add_or_drop_the_distance_head(
     with pytest.raises(SystemExit):
         train.main(tiny_run_args(tmp_path, "maze5", "--dist-period", "3"))
     assert "--dist-period needs --dist-weight" in capsys.readouterr().err
+
+
+def test_flags_of_another_task_and_a_missing_init_from_stop_before_any_data(tmp_path, capsys):
+    for argv, message in [(["--task", "sort12", "--attn", "open"], "--attn open is for mazes only"),
+                          (["--task", "sort12", "--target", "path"], "--target is for mazes only"),
+                          (["--task", "maze12", "--upos", "gold"], "--upos is for ud_ewt only")]:
+        with pytest.raises(SystemExit):
+            train.resolve_args(argv)
+        assert message in capsys.readouterr().err, argv
+    with pytest.raises(SystemExit) as exc:  # before the mazes are made, not minutes later
+        train.resolve_args(["--task", "maze12", "--init-from", str(tmp_path / "nope")])
+    assert str(exc.value.code) == f"error: --init-from: no checkpoint at {tmp_path / 'nope'}"
 
 
 def test_wave_speed_scores_a_cell_only_once_an_answer_from_the_goal_can_have_reached_it(tmp_path, one_thread,

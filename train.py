@@ -1,5 +1,5 @@
 """
-Train a recurrent PoH model on a maze or sorting task, evaluate it, and save the run.
+Train a recurrent PoH model on a maze, sorting or parsing task, evaluate it, and save the run.
 
     python train.py --task maze12 --controller hrm            # CPU, CUDA or MPS, picked automatically
     python train.py --task sort12 --controller hrm
@@ -25,7 +25,6 @@ import math
 import os
 import platform
 import signal
-import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -83,7 +82,8 @@ def get_parser():
                    help="maze labels: the move toward the goal per cell, or on-path/off-path per cell")
     g.add_argument("--n-train", type=int, default=None, help="training mazes in the pool (default: the task's)")
     g.add_argument("--n-val", type=int, default=None, help="validation items used for checkpoint selection")
-    g.add_argument("--n-test", type=int, default=None, help="test items, measured once at the end (>= 1000)")
+    g.add_argument("--n-test", type=int, default=None, help="test items, measured once at the end "
+                   "(default: the task's)")
     g.add_argument("--data-dir", default="data_cache", help="where generated maze sets are cached; ud_ewt: the "
                    "folder with the treebank's files (downloaded there on first use)")
     g.add_argument("--mazes", default="gen_dfs", metavar="KINDS",
@@ -195,8 +195,9 @@ def add_run_flags(p):
     g.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
     g.add_argument("--init-from", default=None, metavar="RUN",
                    help="start from the weights of a run folder's best.pt (or a .pt file) with the same model "
-                        "flags (--R, --grad, --grad-steps, --supervise, --dropout, --label-smoothing, --dist-weight "
-                        "and --attn-impl may change); the optimizer, schedule and step start afresh (fine-tuning)")
+                        "flags (--R, --grad, --grad-steps, --supervise, --dropout, --label-smoothing, --dist-weight, "
+                        "--dist-period, --front-weight and --attn-impl may change); the optimizer, schedule and step "
+                        "start afresh (fine-tuning)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
 
 
@@ -248,6 +249,10 @@ def resolve_args(argv=None):
                     (args.front_speed is None or args.front_weight > 0 and args.front_speed > 0,
                      "--front-speed needs --front-weight > 0, and must be > 0"),
                     (task_kind(args.task) == "maze" or args.wave_speed == 0, "--wave-speed is for mazes only"),
+                    (task_kind(args.task) == "maze" or args.attn != "open",
+                     "--attn open is for mazes only (it reads walls off the tokens)"),
+                    (task_kind(args.task) == "maze" or args.target == "direction", "--target is for mazes only"),
+                    (task_kind(args.task) == "parse" or args.upos == "none", "--upos is for ud_ewt only"),
                     (task_kind(args.task) != "parse" or args.batching == "fixed" and args.attn == "global",
                      "ud_ewt needs --batching fixed and --attn global (batches differ in length)")]:
         if not ok:
@@ -256,6 +261,8 @@ def resolve_args(argv=None):
         parse_kinds(args.mazes)
     except ValueError as exc:
         parser.error(f"--mazes: {exc}")
+    if args.init_from and not os.path.exists(checkpoint_file(args.init_from)):  # now, not after minutes of mazes
+        raise SystemExit(f"error: --init-from: no checkpoint at {checkpoint_file(args.init_from)}")
     if args.front_weight and args.front_speed is None:
         args.front_speed = args.wave_speed  # resolved here, so config.json records the speed the head was trained at
     return args
@@ -316,6 +323,9 @@ def keep_freed_memory():
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
+
+# run folders and checkpoints, shared with the tools (evaluate.py, sample_maze.py, probes.py); run_data_dir,
+# check_at_least, ready_to_write and checkpoint_inner_steps serve only the tools
 
 def run_data_dir(config, checkpoint_path):
     """The folder holding a run's cached maze pools, wherever the caller was started from.
@@ -784,8 +794,8 @@ def init_weights(r, path):
 
 # flags --resume must be given as the run was started with: they pick its data, its batches and which weights it
 # keeps (the model's own fields are checked by check_same_model); --max-steps, --time-budget and the like may change
-SAME_ON_RESUME = ("task", "seed", "data_seed", "mazes", "n_train", "batching", "batch_size", "segments", "target",
-                  "ema", "upos")
+SAME_ON_RESUME = ("task", "seed", "data_seed", "mazes", "n_train", "n_val", "no_augment", "batching", "batch_size",
+                  "segments", "target", "ema", "upos")
 
 
 def restore(r):
