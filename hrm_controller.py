@@ -4,7 +4,10 @@ The routing controller: which attention heads each token uses at each inner step
 Two variants share one class:
   hrm  two GRU cells at two timescales (as in the HRM paper, arXiv 2506.21734): the fast f_L updates at every
        inner step, the slow f_H only when t % T == 0 (or, with h_gate="learned", by a learned sigmoid gate);
-       f_L reads z_H, so the slow state conditions the fast one.
+       f_L reads z_H, so the slow state conditions the fast one. Within a step f_H (when it updates) runs first,
+       on the input u_t and the previous z_L, then f_L on u_t and the new z_H. In the paper's equations, as we
+       read them, both modules read the previous step's states, f_H updates after every T-th f_L step (i = T, 2T,
+       ... counting from 1, not at t = 0, T, ...), and f_H does not read the input.
   poh  one GRU cell, single timescale (Pointer-over-Heads).
 The third controller of the A/B, `none`, is not a module at all: model.py then uses uniform head weights.
 
@@ -13,8 +16,8 @@ The controller reads each token's state and, through a learned projection, a sho
 token is (position_code): identical tokens (the hidden values of sorting, the corridors of a maze) can then start
 with different heads instead of one shared head set.
 Routing: logits -> p = softmax(logits / temperature) -> keep the top-k per token, renormalise. With hard routing
-the forward value is the hard top-k (m / k) while the gradient is the soft one (straight-through), so every
-head's logit keeps learning. Top-k saves no FLOPs here: every head is still computed.
+the forward value is the hard top-k (m / k) while the gradient is that of the full softmax p (straight-through),
+so every head's logit keeps learning. Top-k saves no FLOPs here: every head is still computed.
 
 Nothing to run on its own; `python -m pytest -q test_all.py -k controller` tests it.
 """
@@ -57,7 +60,8 @@ def position_code(grid, device=None):
 
 
 def route(logits, temperature, top_k, hard):
-    """Router logits (..., H) -> (alpha, p): the head weights used, and the full softmax p (for entropy)."""
+    """Router logits (..., H) -> (alpha, p): the head weights used, and the full softmax p (for the entropy, the
+    balance term and the straight-through gradient)."""
     p = F.softmax(logits / temperature, dim=-1)
     keep = torch.zeros_like(p).scatter_(-1, p.topk(top_k, dim=-1).indices, 1.0)  # top-k indicator m
     if hard:
@@ -78,9 +82,9 @@ def balance_loss(alpha, p, real=None):
     """Load balancing in the Switch-Transformer form, H * sum_h f_h * P_h: f_h the share of routed slots that go
     to head h (from the discrete top-k choice, no gradient), P_h the mean router probability of h (the gradient
     path). It is 1 when heads are used and preferred evenly and up to H/k when every token keeps the same k heads
-    and the router puts all its probability on them, so a positive
-    weight pushes probability away from the heads that are already over-used: the counterweight to top-k's
-    rich-get-richer dynamic, where dropped heads get no gradient and fall further behind. real (...) bool: the
+    and the router puts all its probability on them, so a positive weight pushes probability away from the heads
+    that are already over-used: the counterweight to top-k's rich-get-richer dynamic, where (with soft routing)
+    dropped heads get no gradient and fall further behind. real (...) bool: the
     tokens counted (None: all); padding is weighted 0 rather than indexed out, which would sync a GPU."""
     H = p.shape[-1]
     keep, p = kept_heads(alpha).float().reshape(-1, H), p.reshape(-1, H)
@@ -94,7 +98,7 @@ def balance_loss(alpha, p, real=None):
 
 
 def head_sets(alpha):
-    """(keep (T, H) bool, sets (T,) long) over all T tokens of alpha (..., H): the kept heads, and each token's kept
+    """(keep (M, H) bool, sets (M,) long) over all M tokens of alpha (..., H): the kept heads, and each token's kept
     set as one bit pattern (so tokens with the same set have the same number)."""
     H = alpha.shape[-1]
     keep = kept_heads(alpha).reshape(-1, H)
@@ -116,7 +120,8 @@ ABLATIONS = ("uniform", "shuffle", "fixed")
 def ablate_alpha(alpha, how, gen=None):
     """Replace the router's head weights alpha (B, N, H) for an ablation at evaluation:
     uniform  every head at 1/H (ordinary attention, as the `none` controller);
-    shuffle  each token gets the alpha of another token of the same sample (a random permutation per sample):
+    shuffle  each token gets the alpha of a random token of the same sample (a permutation per sample, padding
+             included; a few tokens keep their own):
              the same mix of head sets, but no longer tied to the token that chose it;
     fixed    every token gets the batch's most common kept head set, with equal weights.
     If the per-token routing carries information, shuffle must hurt."""
@@ -161,6 +166,7 @@ class Controller(nn.Module):
         self.cfg = cfg
         c = cfg.d_ctrl
         self.inp = nn.Sequential(nn.LayerNorm(cfg.d_model), nn.Linear(cfg.d_model, c))  # u_t per token
+        # position_code -> a term of u_t ("where" the token is); None for checkpoints from before the code
         self.where = nn.Linear(4 * len(POSITION_PERIODS), c, bias=False) if cfg.where else None
         if cfg.kind == "hrm":
             self.f_H = nn.GRUCell(2 * c, c)  # slow: reads [u_t, z_L]

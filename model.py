@@ -190,8 +190,8 @@ class PoHModel(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        block_cfg = BlockConfig(d_model=cfg.d_model, n_heads=cfg.n_heads, pos=cfg.pos, attn=cfg.attn,
-                                far_heads=cfg.far_heads, dropout=cfg.dropout)
+        # positions (rope) and the mask (attn) reach the blocks as forward arguments, built once per forward
+        block_cfg = BlockConfig(d_model=cfg.d_model, n_heads=cfg.n_heads, far_heads=cfg.far_heads, dropout=cfg.dropout)
         self.blocks = nn.ModuleList(PoHBlock(block_cfg) for _ in range(cfg.n_layers))
         self.drop = nn.Dropout(cfg.dropout)
         self.norm_in = nn.LayerNorm(cfg.d_model)  # input injection: |h| does not grow with the step count

@@ -1,5 +1,5 @@
 """
-The Pointer-over-Heads transformer block: a pre-norm block whose attention weights each real head by the
+The Pointer-over-Heads transformer block: a pre-norm block whose attention weights each head by the
 router's alpha before the output projection,
 
     out = W_O( concat_h( H * alpha_h * o_h ) ),   o_h = softmax(q_h k_h^T / sqrt(Dh)) v_h
@@ -34,9 +34,7 @@ class BlockConfig:
     d_model: int = 128  # token width
     n_heads: int = 4  # heads; head width d_model / n_heads must be a multiple of 4 for 2-D RoPE
     mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * d_model
-    pos: str = "rope2d"  # "rope2d" or "none" (no positions: used to check against nn.MultiheadAttention)
-    attn: str = "global"  # "global", "local" (self + 4 grid neighbours) or "open" (self + open neighbours, mazes)
-    far_heads: int = 0  # with local/open: this many heads (the last ones) attend globally instead
+    far_heads: int = 0  # with a mask (local/open): this many heads (the last ones) attend globally instead
     dropout: float = 0.0  # dropout on the attention and MLP outputs before they join the residual (training only)
 
 
@@ -57,9 +55,14 @@ def rope_tables(grid, head_dim, device=None):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate feature pairs (i, i + Dh/2) of x (B, H, N, Dh) by the per-token angles."""
+    """Rotate feature pairs (i, i + Dh/2) of x (B, H, N, Dh) by the per-token angles. With rope_tables' angles
+    the row turns dims [0, Dh/4) and [Dh/2, 3Dh/4), the column the others; on a (1, L) grid (sorting) every row
+    angle is 0, so half of each head's dims carry the position."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+SIDES = ((-1, 0), (0, 1), (1, 0), (0, -1))  # N, E, S, W: data.MOVES' order, the wall bits' order
 
 
 def local_mask(grid, device=None):
@@ -76,19 +79,17 @@ def open_mask(tokens, grid):
     rows, cols = grid_coords(grid, tokens.device)
     dr, dc = rows[None, :] - rows[:, None], cols[None, :] - cols[:, None]  # (N, N): offset from token i to j
     allowed = torch.eye(len(rows), dtype=torch.bool, device=tokens.device).expand(tokens.shape[0], -1, -1)
-    for d, (mr, mc) in enumerate(((-1, 0), (0, 1), (1, 0), (0, -1))):
+    for d, (mr, mc) in enumerate(SIDES):
         is_side_d = (dr == mr) & (dc == mc)  # (N, N): j is i's neighbour on side d
         side_open = ((tokens % 16) >> d) & 1 == 1  # (B, N)
         allowed = allowed | (is_side_d[None] & side_open[:, :, None])
     return allowed.unsqueeze(1)  # broadcasts over heads
 
 
-# Gathered neighbour attention: the same function as the masked dense path for "local" and "open", computed on
+# Gathered neighbour attention ("gather", the O(N) path): the same function as the masked dense path for "local" and "open", computed on
 # the (at most) 5 keys each cell may see, so time and memory grow with N instead of N^2. The neighbours are read
 # as shifted views of the zero-padded grid rather than by an index gather: the backward of a slice is a cheap copy,
 # that of an index gather a scatter-add, which made the gather slower than dense attention at maze12 on CPU.
-
-SIDES = ((-1, 0), (0, 1), (1, 0), (0, -1))  # N, E, S, W: data.MOVES' order, the wall bits' order
 
 
 def neighbour_index(grid, device=None):
@@ -122,7 +123,7 @@ def shifted(z, grid):
 
 
 def neighbour_attention(q, k, v, grid, allowed):
-    """softmax attention of each query over its 5 neighbour keys. q, k, v (B, H, N, Dh); allowed (N, 5) or
+    """softmax attention of each query over its own key and its N, E, S, W neighbours' keys. q, k, v (B, H, N, Dh); allowed (N, 5) or
     (B, N, 5) bool. Returns (B, H, N, Dh), equal to SDPA with the matching dense mask."""
     (h, w), (B, H, N, Dh) = grid, q.shape
     qg = q.view(B, H, h, w, Dh) * Dh ** -0.5
@@ -160,7 +161,7 @@ class PoHAttention(nn.Module):
             # maze12 training step
             q, k = apply_rope(q.contiguous(), *rope), apply_rope(k.contiguous(), *rope)
         near = H - self.far_heads if mask is not None else H  # a mask restricts the near heads only
-        o = attend(q[:, :near], k[:, :near], v[:, :near], mask)  # (B, H, N, Dh): one output per real head
+        o = attend(q[:, :near], k[:, :near], v[:, :near], mask)  # (B, near, N, Dh): one output per head
         if near < H:
             o = torch.cat([o, attend(q[:, near:], k[:, near:], v[:, near:], None)], 1)
         if alpha is not None:

@@ -187,7 +187,7 @@ def test_entropy_weight_sign_positive_penalises_entropy():
 def test_uniform_alpha_block_equals_torch_multihead_attention():
     torch.manual_seed(0)
     D, H = 16, 4
-    attn = PoHAttention(BlockConfig(d_model=D, n_heads=H, pos="none"))
+    attn = PoHAttention(BlockConfig(d_model=D, n_heads=H))  # no rope passed: no positions
     ref = nn.MultiheadAttention(D, H, bias=False, batch_first=True)
     with torch.no_grad():
         ref.in_proj_weight.copy_(attn.qkv.weight)
@@ -226,7 +226,7 @@ def test_rope2d_attention_depends_on_relative_position_only():
     # moving every token's content one row down and one column right on a larger grid leaves the outputs of the
     # tokens whose neighbours all moved with them unchanged; and the rotation matters, by row and by column
     torch.manual_seed(0)
-    block = PoHBlock(BlockConfig(d_model=16, n_heads=4, attn="local"))
+    block = PoHBlock(BlockConfig(d_model=16, n_heads=4))  # local: the mask passed to it below
     from poh_block import rope_tables
     x = torch.randn(1, 3 * 5, 16)
     rope_a, mask_a = rope_tables((3, 5), 4), local_mask((3, 5))
@@ -2237,7 +2237,7 @@ def test_far_heads_attend_globally_and_the_near_heads_as_before(mask_kind):
     tokens = torch.randint(0, 48, (B, 20), generator=torch.Generator().manual_seed(1))
     m = PoHModel(ModelConfig(vocab_size=48, n_classes=5, d_model=16, n_heads=4, attn=attn, attn_impl=impl), verbose=False)
     mask = m.attention_mask(tokens, grid)
-    split, plain = PoHAttention(BlockConfig(16, 4, attn=attn, far_heads=2)), PoHAttention(BlockConfig(16, 4, attn=attn))
+    split, plain = PoHAttention(BlockConfig(16, 4, far_heads=2)), PoHAttention(BlockConfig(16, 4))
     plain.load_state_dict(split.state_dict())
     for head, plain_mask in ((0, mask), (1, mask), (2, None), (3, None)):
         alpha = F.one_hot(torch.tensor(head), 4).float().expand(B, 20, 4)
