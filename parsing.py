@@ -4,7 +4,7 @@ files, reading CoNLL-U, vocabularies and batches, the biaffine output layer and 
 output="biaffine", decoding scores to a well-formed tree, and the attachment scores.
 
     sentences, skipped = read_conllu("samples/en_ewt-ud-dev-sample.conllu")
-    heads = decode_tree(scores)                 # scores (n+1, n+1): scores[d, h] for word d under head h, 0 = ROOT
+    pred_heads = decode_tree(scores)            # scores (n+1, n+1): scores[d, h] for word d under head h, 0 = ROOT
     print(attachment_scores(pred_heads, pred_labels, gold_heads, gold_labels))   # {"uas": ..., "las": ...}
 
 Data: UD English EWT v2.15 (CC BY-SA 4.0), the files named in UD_FILES with the sentence counts in UD_COUNTS. A
@@ -75,6 +75,8 @@ def read_conllu(source):
         if "." in cols[0]:
             skipped["empty"] += 1
             continue
+        if not (cols[0].isdigit() and cols[6].isdigit()):
+            raise ValueError(f"CoNLL-U line {n}: ID {cols[0]!r} or HEAD {cols[6]!r} is not a number")
         if int(cols[0]) != len(current.words) + 1:
             raise ValueError(f"CoNLL-U line {n}: word id {cols[0]} out of order")
         current.words.append(cols[1])
@@ -135,6 +137,7 @@ def max_arborescence(scores):
 
 
 def tree_score(scores, heads):
+    """The summed scores of a tree; heads: the full array, heads[0] (ROOT) ignored, as max_arborescence's."""
     return float(sum(scores[d][heads[d]] for d in range(1, len(heads))))
 
 
@@ -166,7 +169,8 @@ def is_tree(heads):
 
 def attachment_scores(pred_heads, pred_labels, gold_heads, gold_labels):
     """UAS and LAS over all words, punctuation included (the CoNLL 2018 shared task's convention): the share of words
-    with the right head, and with the right head and relation. Arguments: one list per sentence, or flat lists."""
+    with the right head, and with the right head and relation (the task's labels: universal relations, subtypes
+    dropped). Arguments: one list per sentence, or flat lists."""
     flat = lambda xs: [v for x in xs for v in x] if xs and isinstance(xs[0], (list, tuple)) else list(xs)
     ph, pl, gh, gl = (flat(v) for v in (pred_heads, pred_labels, gold_heads, gold_labels))
     if not len(ph) == len(pl) == len(gh) == len(gl):
@@ -262,6 +266,15 @@ def encode_sentences(sentences, vocabs, labels):
     return x, y
 
 
+def read_split(path):
+    """A treebank file's sentences; a damaged or unreadable file (already in the folder, so never checked as a
+    download is) raises ValueError with one line naming it."""
+    try:
+        return read_conllu(path)[0]
+    except (OSError, EOFError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}; delete it to download it again, or put a good copy there") from None
+
+
 class ParseTask:
     """UD English EWT dependency parsing: a sentence is a row of word tokens after ROOT; the label per word is its
     head (a position, 0 = ROOT) and its universal relation. Training batches hold sentences of similar length
@@ -269,13 +282,12 @@ class ParseTask:
 
     def __init__(self, name, data_dir, *, upos=False, word_dropout=0.0, n_val=None, n_test=None, progress=True):
         paths = ud_files(data_dir, progress)
-        self.sentences = {split: read_conllu(path)[0] for split, path in paths.items()}
+        self.sentences = {split: read_split(path) for split, path in paths.items()}
         train = self.sentences["train"]
         self.words, self.suffixes, self.shapes, self.tags = (
             build_vocab([v for s in train for v in read(s)], min_count)
             for read, min_count in zip(COLUMNS, (MIN_COUNT, MIN_COUNT, 1, 1)))
         self.labels = build_vocab([lab for s in train for lab in s.labels()])
-        self.label_names = {i: lab for lab, i in self.labels.items()}
         # the input columns: the word, its suffix and shape (words only), and the gold UPOS tag with upos=True
         self.vocabs = [self.words, self.suffixes, self.shapes] + ([self.tags] if upos else [])
         self.name, self.upos, self.grid = name, upos, None  # grid None: a sequence, (1, N) for each batch's N
@@ -291,7 +303,8 @@ class ParseTask:
         return encode_sentences(sentences, self.vocabs, self.labels)
 
     def train_batch(self, batch_size, gen, **curriculum):
-        """batch_size training sentences of similar length: a run of the length-sorted order at a random place."""
+        """batch_size training sentences of similar length: a run of the length-sorted order at a random place
+        (uniform over start places, so the few shortest and longest sentences are drawn less often)."""
         start = int(torch.randint(max(1, len(self.by_length) - batch_size + 1), (1,), generator=gen))
         rows = self.by_length[start:start + batch_size]
         x, y = self.encode([self.sentences["train"][i] for i in rows])

@@ -2876,6 +2876,21 @@ def test_without_the_treebank_files_or_a_network_the_parsing_task_says_where_to_
     assert str(exc.value.code).startswith("error: could not download") and "\n" not in str(exc.value.code)
 
 
+def test_a_damaged_treebank_file_in_the_folder_is_one_line_naming_it(ud_sample_dir, tmp_path):
+    test_file = ud_sample_dir / parsing.UD_FILES["test"][:-3]
+    for damage, what in [(b"\x1f\x8b\x08 cut short", "can't decode"),  # binary where text should be
+                         (b"1\tword\t_\tX\t_\t_\tnone\t_\t_\t_\n", "HEAD 'none' is not a number")]:
+        test_file.write_bytes(damage)
+        with pytest.raises(SystemExit) as exc:
+            train.main(["--task", "ud_ewt", "--data-dir", str(ud_sample_dir), "--out-dir", str(tmp_path / "run")])
+        text = str(exc.value.code)
+        assert text.startswith(f"error: {test_file}: ") and what in text and "\n" not in text, text
+    gz = ud_sample_dir / parsing.UD_FILES["test"]  # a .gz is read first when both are there
+    gz.write_bytes(b"\x1f\x8b\x08\x00 cut short")
+    with pytest.raises(ValueError, match=f"{gz}: .*delete it to download it again"):
+        parsing.read_split(str(gz))
+
+
 def test_evaluate_scores_mazes_of_another_generator_with_loops(maze_run, capsys):
     result = evaluate.main([str(maze_run), "--generator", "gen_dfs_percolation", "--gen-arg", "p=0.4", "--n-test", "20",
                             "--plot", str(maze_run.parent / "segments.png")])
