@@ -281,13 +281,18 @@ def main(argv=None):
         p.error("give either a run folder or --segments")
     if args.segments and not args.out:
         p.error("--segments needs --out")
+    if args.out and not args.out.endswith(".png"):
+        p.error(f"--out must be a .png path, got {args.out}")
     try:
         if args.segments:
             results = []
             for path in args.segments:
                 with open(path) as f:
-                    results.append(json.load(f))
-                per_segment = results[-1].get("per_segment")
+                    try:
+                        results.append(json.load(f))
+                    except json.JSONDecodeError as exc:
+                        raise SystemExit(f"error: {path} is not a JSON file ({exc})") from None
+                per_segment = results[-1].get("per_segment") if isinstance(results[-1], dict) else None
                 if (not isinstance(per_segment, list) or not per_segment or results[-1].get("segments") == "auto"
                         or "optimal" not in per_segment[0]):
                     raise SystemExit(f"error: {path} is not an evaluate.py result on mazes with a fixed number of "
@@ -297,8 +302,10 @@ def main(argv=None):
             print(f"wrote {plot_run(args.run_dir, args.out)}")
     except FileNotFoundError as exc:
         raise SystemExit(f"error: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise SystemExit(f"error: not a JSON file ({exc})") from None
+    except json.JSONDecodeError as exc:  # a bad line of the run's metrics.jsonl
+        raise SystemExit(f"error: {args.run_dir}: a line of metrics.jsonl is not JSON ({exc})") from None
+    except OSError as exc:  # a folder given as a file, no permission, a full disk
+        raise SystemExit(f"error: cannot read or write {exc.filename} ({exc.strerror})") from None
 
 
 if __name__ == "__main__":

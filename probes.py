@@ -55,7 +55,8 @@ def load(run):
 
 
 def maze_pool(task, n, seed, generator, gen_kwargs, data_dir):
-    """(grid, x, y): the n test mazes of a pool, as evaluate.py --data-seed draws them."""
+    """(grid, x, y): the n test mazes of a pool, as evaluate.py --data-seed S --generator G draws them (one
+    generator, not the run's training mix)."""
     t = data.make_task(task, seed=seed, n_train=100, n_val=0, n_test=n, cache_dir=data_dir, progress=False,
                        kinds=[(generator, gen_kwargs)])
     return (t.grid, *t.split("test"))
@@ -231,15 +232,17 @@ def get_parser():
     p.add_argument("--task", default="maze32", help="mazes to probe (mazeN)")
     p.add_argument("--segments", type=int, default=48, help="segments run (hide: after the hidden ones)")
     p.add_argument("--n-test", type=int, default=100, help="mazes, in one batch")
-    p.add_argument("--band", type=int, default=40, help="settle, read, race: moves from the goal per band")
+    p.add_argument("--band", type=int, default=40, help="settle, read, front, race: moves from the goal "
+                   "per band")
     p.add_argument("--hide", type=int_list, default=[0, 8, 16], help="hide: segments with the goal hidden, "
                    "one run each")
-    p.add_argument("--at", type=int_list, default=None, help="read, front: the segments read (default: 1, 2, 4, "
-                   "8, 16, 32, 48, those up to --segments)")
+    p.add_argument("--at", type=int_list, default=None, help="read, front: the segments read, --segments always "
+                   "among them (default: 1, 2, 4, 8, 16, 32, 48, those up to --segments)")
     p.add_argument("--fit-task", default="maze12", help="read: the mazes the read is fitted on")
     p.add_argument("--fit-segments", type=int, default=16, help="read: segments run before the fit")
     p.add_argument("--fit-n", type=int, default=300, help="read: mazes fitted on")
-    p.add_argument("--generator", default=data.GENERATOR, help="a maze-dataset generator (for every pool)")
+    p.add_argument("--generator", default=data.GENERATOR, help="a maze-dataset generator for every pool "
+                   "(not the run's training mix)")
     p.add_argument("--gen-arg", action="append", default=[], metavar="KEY=VALUE", help="as in evaluate.py")
     p.add_argument("--data-seed", type=int, default=3, help="the pools' data seed (3: validation mazes)")
     p.add_argument("--data-dir", default="data_cache", help="where generated maze sets are cached")

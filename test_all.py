@@ -1036,6 +1036,18 @@ def test_segments_curves_draws_several_evaluations_and_rejects_auto_results(tmp_
             plots.main(["--segments", str(paths[0]), "--out", str(tmp_path / "x.png")])
     with pytest.raises(SystemExit):  # neither a run folder nor --segments
         plots.main([])
+    # a JSON list, a folder where a file should be, a file that is no JSON: one line each, naming the file
+    paths[1].write_text("[1, 2]")
+    (tmp_path / "broken.json").write_text("{not json")
+    for given, message in ((str(paths[1]), "on mazes with a fixed number of segments"),
+                           (str(tmp_path), "cannot read or write"), (str(tmp_path / "broken.json"), "is not a JSON file")):
+        with pytest.raises(SystemExit) as exc:
+            plots.main(["--segments", given, "--out", str(tmp_path / "x.png")])
+        text = str(exc.value.code)
+        assert text.startswith("error: ") and message in text and "\n" not in text, text
+    with pytest.raises(SystemExit):  # matplotlib would pick the format from the suffix, or refuse it late
+        plots.main(["--segments", str(paths[0]), "--out", str(tmp_path / "x.foo")])
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_hide_goal_shows_the_goal_as_a_plain_cell_and_keeps_the_rest(cache8, maze8):
