@@ -39,6 +39,13 @@ QUICK = ["--max-steps", "100", "--batch-size", "64", "--eval-interval", "50", "-
          "--n-test", "2000", "--no-progress"]
 
 
+def write_record(record, path):
+    """ab.json written to a side file, then renamed: a kill while writing never leaves it cut short."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f)
+    os.replace(path + ".tmp", path)
+
+
 def run_one(root, task, controller, seed, passthrough, sweep=None):
     """Train one run (or reuse / resume it) and return its CSV row."""
     flag, value = sweep or (None, None)
@@ -67,15 +74,13 @@ def run_one(root, task, controller, seed, passthrough, sweep=None):
         print(f"{name}: {'resuming' if resume else 'training'} into {out_dir}", flush=True)
         os.makedirs(out_dir, exist_ok=True)
         record = record or {"argv": argv, "wall_s": 0.0}
-        with open(record_path, "w") as f:  # written first, so even a killed run is recognised as ours
-            json.dump(record, f)
+        write_record(record, record_path)  # written first, so even a killed run is recognised as ours
         t0 = time.time()
         try:
             train.main(argv + ["--resume"] if resume else argv)
         finally:  # an interrupted run keeps the time it spent, so the resumed total is right
             record["wall_s"] += time.time() - t0
-            with open(record_path, "w") as f:
-                json.dump(record, f)
+            write_record(record, record_path)
     config = json.load(open(os.path.join(out_dir, "config.json")))
     test = json.load(open(os.path.join(out_dir, "test.json")))
     model, _ = train.load_checkpoint(os.path.join(out_dir, "best.pt"))
@@ -146,7 +151,8 @@ def get_parser():
     p = argparse.ArgumentParser(description="A/B and sweeps over controllers and seeds (see the docstring).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", default="sort12", help="train.py --task for every run")
-    p.add_argument("--controller", nargs="+", default=["none", "hrm", "poh"], help="controllers to compare")
+    p.add_argument("--controller", nargs="+", default=["none", "hrm", "poh"], choices=train.CONTROLLERS,
+                   help="controllers to compare")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="train.py --seed values")
     p.add_argument("--sweep", nargs="+", default=None, metavar="FLAG VALUE",
                    help="a train.py flag name (no dashes, e.g. R) and the values to sweep")
@@ -170,7 +176,14 @@ def main(argv=None):
         args.threads = args.threads or 1  # small models: one thread is as fast, and far faster on a busy machine
         passthrough = (SMOKE if args.smoke else QUICK) + passthrough
         args.root = args.root or os.path.join("runs", "ab-smoke" if args.smoke else "ab-quick")
-    owned = [f for f in passthrough if f.split("=")[0] in OWNED]
+    for given, what in ((args.controller, "--controller"), (args.seeds, "--seeds"), (args.sweep or [], "--sweep")):
+        if len(set(map(str, given))) < len(given):  # the same run twice would count as two seeds
+            raise SystemExit(f"error: {what} repeats a value: {' '.join(map(str, given))}")
+    if args.threads < 0:
+        raise SystemExit(f"error: --threads must be >= 0, got {args.threads}")
+    # train.py's parser takes abbreviations, so --see would set --seed: refuse any prefix of an owned flag
+    owned = [f for f in passthrough if f.startswith("--") and len(f.split("=")[0]) > 2
+             and any(o.startswith(f.split("=")[0]) for o in OWNED)]
     if owned:
         raise SystemExit(f"error: {', '.join(owned)} after -- is set by ab.py; use its own flags instead")
     sweep_values = [None]
@@ -202,7 +215,9 @@ def main(argv=None):
     for value in sweep_values:
         group = [r for r in rows if value is None or str(r["sweep_value"]) == str(value)]
         heading = f"{group[0]['task']}" + ("" if value is None else f", {flag} = {value}")
-        print(f"\n{heading}, seeds {' '.join(map(str, args.seeds))}, {group[0]['steps']} steps\n"
+        steps = sorted({r["steps"] for r in group})  # a --time-budget stops arms at different steps
+        steps = f"{steps[0]} steps" if len(steps) == 1 else f"{steps[0]}-{steps[-1]} steps (per run: results.csv)"
+        print(f"\n{heading}, seeds {' '.join(map(str, args.seeds))}, {steps}\n"
               + summary_table(group, metrics))
         ref = reference_line(group)
         if ref:

@@ -1566,8 +1566,16 @@ def test_tiny_sweep_writes_one_row_per_value_controller_seed_and_reuses_runs(tmp
     assert all(os.path.isfile(os.path.join(d, "test.json")) for d in (first, second))
     with pytest.raises(SystemExit, match="other flags"):
         ab.main(argv + ["--max-steps", "3"])
-    with pytest.raises(SystemExit, match="set by ab.py"):
-        ab.main(["--root", str(tmp_path), "--", "--seed", "4"])
+    for passthrough in (["--seed", "4"], ["--see", "4"], ["--out=x"]):  # abbreviations too: train.py takes them
+        with pytest.raises(SystemExit, match="set by ab.py"):
+            ab.main(["--root", str(tmp_path), "--", *passthrough])
+    for flags, message in ((["--seeds", "1", "1", "2"], "--seeds repeats a value"),
+                           (["--controller", "hrm", "hrm"], "--controller repeats a value"),
+                           (["--threads", "-1"], "--threads must be >= 0")):
+        with pytest.raises(SystemExit, match=message):  # the same run twice would pass for two seeds
+            ab.main(["--root", str(tmp_path), *flags])
+    with pytest.raises(SystemExit):  # argparse: not a controller, before any run starts
+        ab.main(["--root", str(tmp_path), "--controller", "nonee"])
     with pytest.raises(SystemExit, match="--sweep seed: ab.py sets --seed for every run"):
         ab.main(["--root", str(tmp_path / "s"), "--sweep", "seed", "1", "2"])
     # a metric the runs do not report: one line naming those they do, after results.csv is written
