@@ -40,10 +40,8 @@ QUICK = ["--max-steps", "100", "--batch-size", "64", "--eval-interval", "50", "-
 
 
 def write_record(record, path):
-    """ab.json written to a side file, then renamed: a kill while writing never leaves it cut short."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f)
-    os.replace(path + ".tmp", path)
+    """ab.json, written as the checkpoints are (train.save_atomic): a kill while writing never leaves it cut short."""
+    train.save_atomic(record, path, dump=lambda r, f: f.write(json.dumps(r).encode()))
 
 
 def run_one(root, task, controller, seed, passthrough, sweep=None):
@@ -215,8 +213,8 @@ def main(argv=None):
     for value in sweep_values:
         group = [r for r in rows if value is None or str(r["sweep_value"]) == str(value)]
         heading = f"{group[0]['task']}" + ("" if value is None else f", {flag} = {value}")
-        steps = sorted({r["steps"] for r in group})  # a --time-budget stops arms at different steps
-        steps = f"{steps[0]} steps" if len(steps) == 1 else f"{steps[0]}-{steps[-1]} steps (per run: results.csv)"
+        counts = sorted({r["steps"] for r in group})  # a --time-budget stops arms at different steps
+        steps = f"{counts[0]} steps" if len(counts) == 1 else f"{counts[0]}-{counts[-1]} steps (per run: results.csv)"
         print(f"\n{heading}, seeds {' '.join(map(str, args.seeds))}, {steps}\n"
               + summary_table(group, metrics))
         ref = reference_line(group)

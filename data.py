@@ -711,6 +711,9 @@ class SortTask:
         return rank_metrics(reference_ranks(x, fill), y.cpu())
 
 
+MAX_MAZE = 64  # the largest mazeN: a pool's distances are int16, which holds any n <= 64
+
+
 def make_task(name, *, seed=0, n_train=None, n_val=None, n_test=None, cache_dir="data_cache",
               target="direction", augment=True, progress=True, upos=False, word_dropout=0.0, generator=GENERATOR,
               gen_kwargs=None, kinds=None):
@@ -721,7 +724,7 @@ def make_task(name, *, seed=0, n_train=None, n_val=None, n_test=None, cache_dir=
         return parsing.ParseTask(name, cache_dir, upos=upos, word_dropout=word_dropout, n_val=n_val, n_test=n_test,
                                  progress=progress)
     maze, sort = re.fullmatch(r"maze(\d+)", name), re.fullmatch(r"sort(\d+)(-visible)?", name)
-    if maze and 3 <= int(maze[1]) <= 64:
+    if maze and 3 <= int(maze[1]) <= MAX_MAZE:
         sizes = {k: v for k, v in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)) if v is not None}
         return MazeTask(name, int(maze[1]), seed=seed, cache_dir=cache_dir, target=target, augment=augment,
                         progress=progress, generator=generator, gen_kwargs=gen_kwargs, kinds=kinds, **sizes)
@@ -729,4 +732,4 @@ def make_task(name, *, seed=0, n_train=None, n_val=None, n_test=None, cache_dir=
         sizes = {k: v for k, v in (("n_val", n_val), ("n_test", n_test)) if v is not None}
         return SortTask(name, int(sort[1]), hidden=sort[2] is None, seed=seed, **sizes)
     raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASK_NAMES)} "
-                     "(or any mazeN with 3 <= N <= 64, sortN / sortN-visible with 2 <= N <= 64)")
+                     f"(or any mazeN with 3 <= N <= {MAX_MAZE}, sortN / sortN-visible with 2 <= N <= 64)")

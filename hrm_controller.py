@@ -84,8 +84,8 @@ def balance_loss(alpha, p, real=None):
     path). It is 1 when heads are used and preferred evenly and up to H/k when every token keeps the same k heads
     and the router puts all its probability on them, so a positive weight pushes probability away from the heads
     that are already over-used: the counterweight to top-k's rich-get-richer dynamic, where (with soft routing)
-    dropped heads get no gradient and fall further behind. real (...) bool: the
-    tokens counted (None: all); padding is weighted 0 rather than indexed out, which would sync a GPU."""
+    dropped heads get no gradient and fall further behind. real (...) bool: the tokens counted (None: all);
+    padding is weighted 0 rather than indexed out, which would sync a GPU."""
     H = p.shape[-1]
     keep, p = kept_heads(alpha).float().reshape(-1, H), p.reshape(-1, H)
     if real is None:

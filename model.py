@@ -104,8 +104,8 @@ class ModelConfig:
             (self.dist_weight >= 0, f"dist-weight must be >= 0, got {self.dist_weight}"),
             (self.dist_period == 0 or self.dist_period >= 3, f"dist-period must be 0 or >= 3, got {self.dist_period}"),
             (self.front_weight >= 0, f"front-weight must be >= 0, got {self.front_weight}"),
-            (self.front_weight == 0 or self.supervise == "last",  # its target is where the front is at the segment's end
-             "front-weight needs supervise last"),
+            # the front head's target is where the front is at the segment's end
+            (self.front_weight == 0 or self.supervise == "last", "front-weight needs supervise last"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -86,10 +86,11 @@ def open_mask(tokens, grid):
     return allowed.unsqueeze(1)  # broadcasts over heads
 
 
-# Gathered neighbour attention ("gather", the O(N) path): the same function as the masked dense path for "local" and "open", computed on
-# the (at most) 5 keys each cell may see, so time and memory grow with N instead of N^2. The neighbours are read
-# as shifted views of the zero-padded grid rather than by an index gather: the backward of a slice is a cheap copy,
-# that of an index gather a scatter-add, which made the gather slower than dense attention at maze12 on CPU.
+# Gathered neighbour attention ("gather", the O(N) path): the same function as the masked dense path for "local"
+# and "open", computed on the (at most) 5 keys each cell may see, so time and memory grow with N instead of N^2.
+# The neighbours are read as shifted views of the zero-padded grid rather than by an index gather: the backward of
+# a slice is a cheap copy, that of an index gather a scatter-add, which made the gather slower than dense attention
+# at maze12 on CPU.
 
 
 def neighbour_index(grid, device=None):
@@ -123,8 +124,8 @@ def shifted(z, grid):
 
 
 def neighbour_attention(q, k, v, grid, allowed):
-    """softmax attention of each query over its own key and its N, E, S, W neighbours' keys. q, k, v (B, H, N, Dh); allowed (N, 5) or
-    (B, N, 5) bool. Returns (B, H, N, Dh), equal to SDPA with the matching dense mask."""
+    """softmax attention of each query over its own key and its N, E, S, W neighbours' keys. q, k, v (B, H, N, Dh);
+    allowed (N, 5) or (B, N, 5) bool. Returns (B, H, N, Dh), equal to SDPA with the matching dense mask."""
     (h, w), (B, H, N, Dh) = grid, q.shape
     qg = q.view(B, H, h, w, Dh) * Dh ** -0.5
     scores = torch.stack([(qg * kd).sum(-1) for kd in shifted(k, grid)], -1)  # (B, H, h, w, 5)

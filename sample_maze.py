@@ -216,8 +216,8 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     train.check_at_least(("--num-samples", args.num_samples, 1), ("--grid-n", args.grid_n, 3),
                          ("--inner-steps", args.inner_steps, 1), ("--max-panels", args.max_panels, 1))
-    if args.grid_n and args.grid_n > 64:  # as data.make_task: the labels' distances are stored as int16
-        raise SystemExit(f"error: --grid-n must be <= 64, got {args.grid_n}")
+    if args.grid_n and args.grid_n > data.MAX_MAZE:  # as data.make_task
+        raise SystemExit(f"error: --grid-n must be <= {data.MAX_MAZE}, got {args.grid_n}")
     try:
         gen_kwargs = data.parse_gen_args(args.gen_arg)
     except ValueError as exc:

@@ -1040,7 +1040,8 @@ def test_segments_curves_draws_several_evaluations_and_rejects_auto_results(tmp_
     paths[1].write_text("[1, 2]")
     (tmp_path / "broken.json").write_text("{not json")
     for given, message in ((str(paths[1]), "on mazes with a fixed number of segments"),
-                           (str(tmp_path), "cannot read or write"), (str(tmp_path / "broken.json"), "is not a JSON file")):
+                           (str(tmp_path), "cannot read or write"),
+                           (str(tmp_path / "broken.json"), "is not a JSON file")):
         with pytest.raises(SystemExit) as exc:
             plots.main(["--segments", given, "--out", str(tmp_path / "x.png")])
         text = str(exc.value.code)

@@ -449,13 +449,14 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device), ckpt
 
 
-def save_atomic(obj, path):
-    """Write to a temporary file in the same folder, then rename: a kill mid-save never corrupts `path`."""
+def save_atomic(obj, path, dump=None):
+    """Write to a temporary file in the same folder, then rename: a kill mid-save never corrupts `path`.
+    dump(obj, binary file) writes it: torch.save (looked up at the call) unless given; ab.py passes a JSON writer."""
     tmp = path + ".tmp"
     try:
         # through a Python file, so a full disk raises OSError(ENOSPC) rather than torch's opaque RuntimeError
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            (dump or torch.save)(obj, f)
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
         os.replace(tmp, path)
