@@ -1503,10 +1503,17 @@ def test_sample_maze_refuses_grids_over_64_and_runs_untraced_to_the_same_answer(
     x = torch.randint(0, 48, (2, 9), generator=torch.Generator().manual_seed(1))
     model = tiny_maze_model("hrm")
     traced, steps = sample_maze.run_traced(model, x, (3, 3), segments=3, n_steps=2, temperature=1.0)
-    plain, light = sample_maze.run_traced(model, x, (3, 3), segments=3, n_steps=2, temperature=1.0, trace=False)
+    asked = []
+
+    class Watched(nn.Module):  # the model as it is, noting whether each forward was asked for a trace
+        def forward(self, *args, **kwargs):
+            asked.append(kwargs.get("trace"))
+            return model(*args, **kwargs)
+    plain, light = sample_maze.run_traced(Watched(), x, (3, 3), segments=3, n_steps=2, temperature=1.0, trace=False)
     torch.testing.assert_close(plain, traced)  # the trace only watches
     assert len(steps) == 6 and "alpha" in steps[0]
     assert light == [{"seg": 1, "t": 1}, {"seg": 2, "t": 1}, {"seg": 3, "t": 1}]  # no tensors kept
+    assert asked == [False, False, False]  # the model itself keeps no per-step state either
 
 
 def test_sample_maze_missing_or_foreign_checkpoint_gives_one_line_error(tmp_path, capsys):
