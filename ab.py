@@ -29,6 +29,7 @@ import torch
 
 import plots
 import train
+from data import save_atomic
 from stats import fmt, summarize
 
 OWNED = ("--task", "--controller", "--seed", "--out-dir")  # set per run by the harness
@@ -40,8 +41,8 @@ QUICK = ["--max-steps", "100", "--batch-size", "64", "--eval-interval", "50", "-
 
 
 def write_record(record, path):
-    """ab.json, written as the checkpoints are (train.save_atomic): a kill while writing never leaves it cut short."""
-    train.save_atomic(record, path, dump=lambda r, f: f.write(json.dumps(r).encode()))
+    """ab.json, written as the checkpoints are (data.save_atomic): a kill while writing never leaves it cut short."""
+    save_atomic(record, path, dump=lambda r, f: f.write(json.dumps(r).encode()))
 
 
 def run_one(root, task, controller, seed, passthrough, sweep=None):

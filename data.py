@@ -21,7 +21,6 @@ import functools
 import os
 import random
 import re
-import tempfile
 import warnings
 from collections import deque
 from contextlib import contextmanager
@@ -505,6 +504,27 @@ def pool_file(n, count, seed, generator=GENERATOR, gen_kwargs=None):
     return f"maze_g{n}_n{count}_seed{seed}_{generator_name(generator, gen_kwargs)}_v{CACHE_VERSION}.npz"
 
 
+def save_atomic(obj, path, dump=None):
+    """Write to a temporary file in the same folder, then rename: a kill, Ctrl-C or a full disk mid-write never
+    leaves a damaged file under `path` (checkpoints, metrics.jsonl, ab.json, maze caches). The temporary name holds
+    the process id, so two runs filling one maze cache never write into each other's file. dump(obj, binary file)
+    writes it: torch.save (looked up at the call, so tests can patch it) unless given."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        # through a Python file, so a full disk raises OSError(ENOSPC) rather than torch's opaque RuntimeError
+        with open(tmp, "wb") as f:
+            (dump or torch.save)(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the file
+        os.replace(tmp, path)
+    except BaseException as exc:  # the previous file stays intact and no temporary file is left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = path  # so a one-line error can name the file
+        raise
+
+
 def load_mazes(n, count, seed, cache_dir="data_cache", progress=True, generator=GENERATOR, gen_kwargs=None):
     """generate_mazes() through an .npz cache named by the full config; a bad file is reported and rebuilt.
     An empty pool (count 0) is neither generated nor cached."""
@@ -524,15 +544,7 @@ def load_mazes(n, count, seed, cache_dir="data_cache", progress=True, generator=
             print(f"cache file {path} is unusable ({type(e).__name__}: {e}); regenerating")
     pool = generate_mazes(n, count, seed, progress, generator, gen_kwargs)
     os.makedirs(cache_dir, exist_ok=True)
-    # write then rename, so an interrupted run never leaves a half-written file under the real name
-    with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".tmp", delete=False) as tmp:
-        try:
-            np.savez(tmp, **pool)
-        except BaseException:  # a full disk, Ctrl-C: no stray .tmp file left in the cache
-            tmp.close()
-            os.unlink(tmp.name)
-            raise
-    os.replace(tmp.name, path)
+    save_atomic(pool, path, dump=lambda p, f: np.savez(f, **p))
     return pool
 
 

@@ -1792,7 +1792,7 @@ def test_carry_gives_each_sample_all_its_segments_and_the_state_it_ended_with(ba
 def test_a_save_failing_midway_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(tmp_path, monkeypatch,
                                                                                            failure):
     path = str(tmp_path / "ckpt.pt")
-    train.save_atomic({"step": 1, "w": torch.arange(1000.0)}, path)
+    data.save_atomic({"step": 1, "w": torch.arange(1000.0)}, path)
     real_save = torch.save
 
     def half_save(obj, f, *a, **kw):  # writes the first part of a real checkpoint, then the disk fills up
@@ -1801,13 +1801,29 @@ def test_a_save_failing_midway_keeps_the_previous_checkpoint_and_leaves_no_tempo
         raise failure
     monkeypatch.setattr(torch, "save", half_save)
     with pytest.raises(type(failure)) as info:
-        train.save_atomic({"step": 2, "w": torch.zeros(1000)}, path)
+        data.save_atomic({"step": 2, "w": torch.zeros(1000)}, path)
     if isinstance(failure, OSError):
         assert info.value.filename == path  # so main() can name the file in its one-line error
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["ckpt.pt"]
     saved = torch.load(path, weights_only=True)
     assert saved["step"] == 1 and torch.equal(saved["w"], torch.arange(1000.0))
+
+
+def test_two_processes_writing_one_file_at_once_never_mix_their_bytes(tmp_path, monkeypatch):
+    """Two runs filling one maze cache together: each writes its own temporary file, and the file is one whole copy."""
+    path = str(tmp_path / "pool.npz")
+    pids = [202, 101]
+    monkeypatch.setattr(os, "getpid", lambda: pids.pop())
+
+    def first_half_then_wait(text, f):  # run A is halfway through its write when run B writes the whole file
+        f.write(text[:5])
+        data.save_atomic(b"B's whole file", path, dump=lambda b, g: g.write(b))
+        assert open(path, "rb").read() == b"B's whole file"
+        f.write(text[5:])
+    data.save_atomic(b"A's whole file", path, dump=first_half_then_wait)
+    monkeypatch.undo()
+    assert open(path, "rb").read() == b"A's whole file" and os.listdir(tmp_path) == ["pool.npz"]
 
 
 def test_torchrun_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path, one_thread):

@@ -35,7 +35,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import GENERATOR, IGNORE, N_TRAIN, TASK_NAMES, goal_distance, make_task, mix_parts, parse_kinds, pool_file
+from data import (GENERATOR, IGNORE, N_TRAIN, TASK_NAMES, goal_distance, make_task, mix_parts, parse_kinds, pool_file,
+                  save_atomic)
 from hrm_controller import anneal, temperature_at
 from model import CONTROLLERS, ModelConfig, PoHModel
 from stats import item_means
@@ -449,25 +450,6 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device), ckpt
 
 
-def save_atomic(obj, path, dump=None):
-    """Write to a temporary file in the same folder, then rename: a kill mid-save never corrupts `path`.
-    dump(obj, binary file) writes it: torch.save (looked up at the call) unless given; ab.py passes a JSON writer."""
-    tmp = path + ".tmp"
-    try:
-        # through a Python file, so a full disk raises OSError(ENOSPC) rather than torch's opaque RuntimeError
-        with open(tmp, "wb") as f:
-            (dump or torch.save)(obj, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
-        os.replace(tmp, path)
-    except BaseException as exc:  # disk full, unwritable folder, Ctrl-C mid-save: the previous file stays intact
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(exc, OSError) and exc.filename is None:
-            exc.filename = path  # so the one-line error in main() names the file
-        raise
-
-
 @contextmanager
 def sigint_deferred():
     """Hold Ctrl-C back while the weights, optimizer moments, EMA and step counter change, so the checkpoint saved
@@ -506,9 +488,7 @@ def trim_log(path, step, drop_val_at_step=False):
             if record["step"] <= step and record["split"] != "test" and not (
                     drop_val_at_step and record["step"] == step and record["split"] == "val"):
                 kept.append(line)
-    with open(path + ".tmp", "w") as f:  # rewritten atomically, like the checkpoints
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    save_atomic(kept, path, dump=lambda lines, f: f.write("".join(lines).encode()))
 
 
 def lr_at(step, args):
