@@ -790,6 +790,22 @@ def test_bad_flags_give_one_line_errors(tmp_path, capsys, extra, message):
     assert message in text and "Traceback" not in text
 
 
+@pytest.mark.parametrize("extra,message", [
+    (["--temp-start", "-1"], "--temp-start must be > 0"),  # ran into a NaN loss at step 0
+    (["--temp-end", "0"], "--temp-end must be > 0"),  # ran, at temperature 0
+    (["--lr", "-1"], "--lr must be >= 0"),  # AdamW's traceback
+    (["--balance-weight", "-1"], "--balance-weight must be >= 0"),  # ran, rewarding collapse
+    (["--far-heads", "9"], "far-heads must be between 0 and n-heads"),  # the model's checks
+    (["--d-model", "17"], "d_model 17 is not divisible by n_heads 2"),
+])
+def test_bad_settings_are_refused_before_any_maze_is_made(tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.setattr(train, "make_task", lambda *a, **k: pytest.fail("made the task before checking the flags"))
+    with pytest.raises(SystemExit):
+        train.main(tiny_run_args(tmp_path, "maze5") + extra)
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def test_existing_output_folder_needs_resume(tmp_path):
     train.main(tiny_run_args(tmp_path, "sort6"))
     with pytest.raises(SystemExit, match="already holds a run; pass --resume to continue it or pick"):

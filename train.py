@@ -244,6 +244,15 @@ def resolve_args(argv=None):
                      f"--dist-period must be 0 or >= 3, got {args.dist_period}"),
                     (args.dist_period == 0 or args.dist_weight > 0, "--dist-period needs --dist-weight > 0"),
                     (args.wave_speed >= 0, f"--wave-speed must be >= 0, got {args.wave_speed}"),
+                    *[(v > 0, f"{flag} must be > 0, got {v}") for flag, v in (
+                        ("--temp-start", args.temp_start), ("--temp-end", args.temp_end))],
+                    *[(v is None or v >= 0, f"{flag} must be >= 0, got {v}") for flag, v in (
+                        ("--lr", args.lr), ("--lr-controller", args.lr_controller), ("--weight-decay", args.weight_decay),
+                        ("--balance-weight", args.balance_weight), ("--ponder-weight", args.ponder_weight),
+                        ("--temp-floor", args.temp_floor), ("--grad-clip", args.grad_clip),
+                        ("--time-budget", args.time_budget))],
+                    (0 <= args.min_lr_frac <= 1, f"--min-lr-frac must be in [0, 1], got {args.min_lr_frac}"),
+                    (0 <= args.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {args.label_smoothing}"),
                     (args.front_weight >= 0, f"--front-weight must be >= 0, got {args.front_weight}"),
                     (args.front_weight == 0 or (args.wave_speed > 0 and args.supervise == "last"),
                      "--front-weight needs --wave-speed > 0 and --supervise last"),
@@ -262,6 +271,10 @@ def resolve_args(argv=None):
         parse_kinds(args.mazes)
     except ValueError as exc:
         parser.error(f"--mazes: {exc}")
+    try:  # the model's own checks too, now rather than after minutes of maze generation (the sizes come later)
+        model_config(args, SimpleNamespace(vocab_size=1, n_classes=1, feature_vocab=())).validate()
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.init_from and not os.path.exists(checkpoint_file(args.init_from)):  # now, not after minutes of mazes
         raise SystemExit(f"error: --init-from: no checkpoint at {checkpoint_file(args.init_from)}")
     if args.front_weight and args.front_speed is None:
