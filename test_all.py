@@ -5,6 +5,7 @@ Each test checks values, shapes or gradients against a reference (PyTorch's own 
 a naive re-computation), so it fails when the code it covers breaks.
 """
 
+import copy
 import csv
 import errno
 import itertools
@@ -38,9 +39,10 @@ import sample_maze
 import stats
 import train
 
-from hrm_controller import Controller, ControllerConfig, kept_heads, position_code, route, routing_entropy, temperature_at
+from hrm_controller import (Controller, ControllerConfig, balance_loss, kept_heads, position_code, route,
+                            routing_entropy, temperature_at)
 from model import ModelConfig, PoHModel, halting_distribution, supervised_steps
-from poh_block import BlockConfig, PoHAttention, PoHBlock, local_mask, open_mask
+from poh_block import BlockConfig, PoHAttention, PoHBlock, grid_coords, local_mask, open_mask, rope_tables
 
 
 def tiny_model(**kw):
@@ -126,6 +128,15 @@ def test_learned_h_gate_updates_slow_state_every_step_by_a_gate_in_0_1():
             ctrl.gate.bias.fill_(bias)
             _, _, new, _ = ctrl(h_in, state, t=1)  # t = 1: a fixed gate with T = 3 would not update here
             torch.testing.assert_close(new["z_H"], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_topk_keeps_exactly_k_heads():
+    """Every token keeps exactly k heads, soft or hard (k - 1 heads passed the `<= k` check above)."""
+    logits = torch.randn(5, 7, 6, generator=torch.Generator().manual_seed(0))
+    for k in (1, 2, 3, 6):
+        for hard in (False, True):
+            alpha, _ = route(logits, 1.0, k, hard=hard)
+            assert ((alpha > 0).sum(-1) == k).all()
 
 
 def test_topk_keeps_at_most_k_heads_summing_to_one():
@@ -238,6 +249,18 @@ def test_nonuniform_alpha_changes_block_output_per_head():
         masked_wo = attn(x, torch.full((2, 6, 4), 0.25))
         attn.proj.weight.copy_(w)
     assert torch.allclose(attn(x, zero_others), masked_wo, atol=1e-6)
+
+
+def test_rope_turns_with_the_column_too():
+    """The cos/sin tables turn half of each head by the row and half by the column: a 1-row grid (sorting) still
+    has positions."""
+    cos, sin = rope_tables((3, 5), 4)
+    rows, cols = grid_coords((3, 5))
+    torch.testing.assert_close(cos, torch.stack([rows.cos(), cols.cos()], 1))
+    # behaviour: on a 1-row grid (sorting) positions must still change attention
+    torch.manual_seed(0)
+    block, x = PoHBlock(BlockConfig(d_model=16, n_heads=4)), torch.randn(1, 7, 16)
+    assert (block(x, rope=rope_tables((1, 7), 4)) - block(x)).abs().max() > 1e-3
 
 
 def test_rope2d_attention_depends_on_relative_position_only():
@@ -546,9 +569,51 @@ def test_rollout_perfect_on_true_labels_and_fails_on_broken_predictions(maze8):
     assert data.rollout(into_wall.numpy(), o, s, g) == path
 
 
-def test_a_maze_with_two_equally_short_moves_gives_both_full_credit_and_no_exact_score():
-    o = np.zeros((2, 2, 4), dtype=bool)  # a 2x2 ring: two equally short ways from (0, 0) to (1, 1)
+def ring_maze():
+    """A 2x2 ring: two equally short ways from (0, 0) to (1, 1)."""
+    o = np.zeros((2, 2, 4), dtype=bool)
     o[0, 0, [1, 2]] = o[0, 1, [2, 3]] = o[1, 0, [0, 1]] = o[1, 1, [0, 3]] = True
+    return o
+
+
+def test_cell_acc_leaves_out_cells_the_goal_cannot_reach():
+    """cell_acc counts only cells the goal can reach: IGNORE (-100) has bits 2-4 set, so a walled-off cell would
+    count as right for moves 2-4."""
+    spur = np.zeros((2, 3, 4), dtype=bool)
+    spur[:, :2] = ring_maze()
+    spur[0, 1, 1] = spur[0, 2, 3] = True
+    spur = np.pad(spur, ((0, 1), (0, 0), (0, 0)))  # (1, 2) and the last row walled off: 4 IGNORE cells
+    x = torch.from_numpy(data.encode(spur, (0, 0), (1, 1)))[None]
+    y = torch.from_numpy(data.labels(spur, (0, 0), (1, 1)))[None]
+    assert (y == data.IGNORE).sum() == 4
+    logits = F.one_hot(torch.from_numpy(data.first_class(y.numpy())).clamp(min=0), 5).float()
+    assert data.maze_metrics(logits, x, y)["cell_acc"] == 1.0
+
+
+def test_a_path_of_the_right_length_into_a_dead_end_is_not_optimal():
+    """A rollout as long as the shortest path that ends in a dead end neither reaches nor is optimal."""
+    o, s, g = maze_from_edges(3, EDGES), (1, 1), (2, 0)  # best: (1,1) (1,0) (2,0); N then W: (0,1) (0,0) dead end
+    x = torch.from_numpy(data.encode(o, s, g))[None]
+    y = torch.from_numpy(data.labels(o, s, g))[None]
+    logits = F.one_hot(torch.from_numpy(data.first_class(y.numpy())), 5).float()
+    logits[0, 4, 0] = logits[0, 1, 3] = 10.0
+    assert data.rollout(logits[0].numpy(), o, s, g) == [(1, 1), (0, 1), (0, 0)]
+    m = data.maze_metrics(logits, x, y)
+    assert (m["reach"], m["optimal"], m["exact"]) == (0.0, 0.0, 0.0)
+
+
+def test_path_target_scores_a_maze_with_two_shortest_paths_as_not_unique():
+    """The path target on a maze with two shortest paths: optimal, but not unique, so not scored as exact."""
+    o = ring_maze()
+    x = torch.from_numpy(data.encode(o, (0, 0), (1, 1)))[None]
+    y = torch.from_numpy(data.labels(o, (0, 0), (1, 1), "path"))[None]
+    logits = F.one_hot(torch.from_numpy(data.first_class(y.numpy())), 2).float()
+    m = data.maze_metrics(logits, x, y, per_item=True)
+    assert m["unique"] == [0.0] and np.isnan(m["exact"][0]) and m["optimal"] == [1.0]
+
+
+def test_a_maze_with_two_equally_short_moves_gives_both_full_credit_and_no_exact_score():
+    o = ring_maze()
     x = torch.from_numpy(data.encode(o, (0, 0), (1, 1)))[None]
     y = torch.from_numpy(data.labels(o, (0, 0), (1, 1)))[None]
     E, S, GOAL = 1 << 1, 1 << 2, 1 << data.GOAL_CLASS
@@ -1427,6 +1492,16 @@ def test_evaluate_data_seed_scores_other_pools_than_the_test_set(maze_run, monke
     assert other["per_segment"][0] != own["per_segment"][0]  # other mazes, other scores (cell_acc is continuous)
 
 
+def test_distance_bands_of_width_one_cover_every_cell():
+    """Bands of one move: every cell in one band, the farthest distance the last band's start."""
+    pool = data.generate_mazes(5, 6, 3)
+    x = torch.from_numpy(data.encode(pool["open"], pool["start"], pool["goal"]))
+    y = torch.from_numpy(data.batch_labels(pool["open"], pool["start"], pool["dist"].astype(np.int64)))
+    logits = F.one_hot(torch.from_numpy(data.first_class(y.numpy())), 5).float()
+    bands = data.accuracy_by_distance(logits, x, y, 1)
+    assert sum(b["cells"] for b in bands) == 6 * 25 and bands[-1]["from"] == int(data.goal_distance(x, (5, 5)).max())
+
+
 def test_accuracy_by_distance_bands_the_cells_by_their_moves_to_the_goal(maze_run, capsys):
     pool = data.generate_mazes(5, 6, 3)
     x = torch.from_numpy(data.encode(pool["open"], pool["start"], pool["goal"]))
@@ -2064,6 +2139,21 @@ def test_flags_of_another_task_and_a_missing_init_from_stop_before_any_data(tmp_
     assert str(exc.value.code) == f"error: --init-from: no checkpoint at {tmp_path / 'nope'}"
 
 
+def test_a_carry_restored_mid_batch_gets_its_wave_mask_back(tmp_path):
+    """A batch carried through ckpt.pt gets its wave mask back: resuming a maze run with --wave-speed (the maze12
+    recipe) mid-batch must score the cells the original would."""
+    args = train.resolve_args(tiny_run_args(tmp_path, "maze5", "--wave-speed", "1.5", "--batching", "fixed"))
+    task = data.make_task("maze5", n_train=60, n_val=0, n_test=0, cache_dir=str(tmp_path / "cache"), progress=False)
+    model = PoHModel(train.model_config(args, task), verbose=False)
+    carry = train.Carry(args, task, torch.Generator().manual_seed(0))
+    _, _, state = carry.next(model, 0, "cpu")
+    carry.advance(state)  # one of the 2 segments run: the batch goes on after a resume
+    again = train.Carry(args, task, torch.Generator())
+    again.load_state_dict(copy.deepcopy(carry.state_dict()), "cpu")  # as through ckpt.pt: no shared tensors
+    x, y, _ = again.next(model, 1, "cpu")
+    assert torch.equal(x, carry.x) and torch.equal(again.reached(y), carry.reached(carry.y))
+
+
 def test_wave_speed_scores_a_cell_only_once_an_answer_from_the_goal_can_have_reached_it(tmp_path, one_thread,
                                                                                         capsys):
     args = train.resolve_args(tiny_run_args(tmp_path, "maze5", "--wave-speed", "1.5", "--batch-size", "6",
@@ -2235,6 +2325,14 @@ def test_the_routing_terms_over_real_tokens_equal_the_terms_of_the_real_tokens_a
     assert not torch.allclose(balance_loss(alpha, p, real), balance_loss(alpha, p), atol=1e-4)
 
 
+def test_balance_loss_counts_kept_slots_not_alpha_weights():
+    """f_h counts the kept slots (each kept head one), not alpha's weights: with soft top-2 alpha differ."""
+    alpha, p = route(torch.randn(3, 7, 4, generator=torch.Generator().manual_seed(0)), 1.0, 2, hard=False)
+    keep = (alpha > 0).float().reshape(-1, 4)
+    f = keep.sum(0) / keep.sum()
+    torch.testing.assert_close(balance_loss(alpha, p), 4 * (f * p.reshape(-1, 4).mean(0)).sum())
+
+
 def test_balance_loss_is_one_when_even_larger_when_collapsed_and_its_gradient_reaches_the_router():
     from hrm_controller import balance_loss
     even_p = torch.full((2, 6, 4), 0.25)
@@ -2276,6 +2374,9 @@ def test_ablations_replace_alpha_as_named_and_shuffle_permutes_it_across_tokens(
     assert (perm != torch.arange(16)).any(1).all() and not torch.equal(got, plain)
     uniform = ablate_alpha(plain, "uniform")
     assert torch.equal(uniform, torch.full_like(plain, 0.25))
+    with torch.no_grad():  # at every inner step of the model, not only the first
+        steps = m(x, grid=(4, 4), trace=True, ablate="uniform")["trace"]
+    assert len(steps) == 3 and all(torch.equal(s["alpha"], torch.full_like(plain, 0.25)) for s in steps)
     fixed = ablate_alpha(plain, "fixed")
     kept = (fixed > 0)[0, 0]
     assert kept.sum() == m.cfg.top_k and torch.equal(fixed > 0, kept.expand_as(fixed))
@@ -2530,6 +2631,25 @@ class StableOrRestless(nn.Module):
         return {"logits": logits, "state": {"count": count}, "trace": [{"logits": logits}]}
 
 
+class ChangesOnce(nn.Module):
+    """Answers class 1 in segments 1-2 and class 2 from segment 3 on."""
+
+    def forward(self, x, state=None, **kw):
+        count = torch.zeros(len(x), dtype=torch.long) if state is None else state["count"] + 1
+        answer = torch.where(count < 2, 1, 2)
+        return {"logits": F.one_hot(answer, 5).float()[:, None].expand(-1, x.shape[1], -1).clone(),
+                "state": {"count": count}}
+
+
+def test_segments_auto_counts_unchanged_segments_in_a_row():
+    """A change of answer restarts the count of unchanged segments: answers 1, 1, 2, 2, 2 stop at segment 5 with
+    patience 2, not at 4."""
+    task = type("T", (), {"grid": (1, 3)})
+    _, used = evaluate.run_adaptive(ChangesOnce(), task, torch.zeros(1, 3, dtype=torch.long), n_steps=1,
+                                    temperature=1.0, cap=10, patience=2)
+    assert used.tolist() == [5]  # answer 2 first at segment 3, unchanged at 4 and 5
+
+
 def test_segments_auto_stops_a_stable_answer_and_runs_a_changing_one_to_the_cap(maze_run, capsys):
     task = type("T", (), {"grid": (3, 3)})
     model, x = StableOrRestless(), torch.tensor([[0] * 9, [1] * 9, [0] * 9])
@@ -2577,6 +2697,27 @@ class SharpByToken(nn.Module):
 
     def forward(self, x, state=None, **kw):
         return {"logits": 10.0 * F.one_hot(x % 5, 5).float(), "state": {"h": x.float()}}
+
+
+def test_latch_count_restarts_at_one_when_a_sure_cell_changes_its_move():
+    """A sure cell that changes its move restarts its count at 1 (the segment of the change counts): move 2 held
+    segments 2-4 latches, so segment 5's move 3 is not taken."""
+    sure = lambda c: 10.0 * F.one_hot(torch.tensor(c), 5).float()
+    script = [sure(c)[None] for c in (1, 2, 2, 2, 3)]  # one cell: move 1, then move 2 for 3 segments, then 3
+
+    class Scripted(nn.Module):
+        cfg = None
+
+        def forward(self, x, state=None, **kw):
+            s = 0 if state is None else int(state["h"][0]) + 1
+            return {"logits": script[s].expand(len(x), 1, 5), "state": {"h": torch.full((len(x),), float(s))}}
+
+    latched, state = evaluate.Latch(Scripted()), None
+    for _ in script:
+        out = latched(torch.zeros(1, 1, dtype=torch.long), state=state)
+        state = out["state"]
+    # move 2 held segments 2, 3, 4 (the segment of the change counted): latched at 4, so segment 5 still answers 2
+    assert state["latch_locked"].tolist() == [[True]] and out["logits"][0, 0].argmax().item() == 2
 
 
 def test_latch_keeps_an_answer_that_held_sure_and_frees_one_that_did_not(maze_run, monkeypatch):
@@ -2775,6 +2916,14 @@ def test_checkpoints_of_older_versions_resume_and_are_scored_at_the_end_of_the_a
 
 # ---- parsing (UD English EWT): the reader, the tree decoder, attachment scores
 UD_SAMPLE = os.path.join(REPO, "samples", "en_ewt-ud-dev-sample.conllu")
+
+
+def test_conllu_reader_keeps_the_last_sentence_without_a_final_blank_line():
+    """A file without a blank line after its last sentence keeps that sentence."""
+    lines = open(UD_SAMPLE, encoding="utf-8").read().splitlines()
+    while not lines[-1].strip():
+        lines.pop()
+    assert len(parsing.read_conllu(lines)[0]) == 41
 
 
 def test_conllu_reader_keeps_the_integer_id_words_and_skips_comments_multiword_ranges_and_empty_nodes():
