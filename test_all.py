@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from dataclasses import asdict, replace
 
 import numpy as np
@@ -677,6 +678,22 @@ def test_symmetries_give_valid_mazes_with_consistently_transformed_labels(maze8,
             assert np.array_equal(yi, data.labels(o, s, g, task.target))
 
 
+def test_sort_validation_and_test_sets_are_different_arrays():
+    """The sorting task's validation and test arrays come from different seeds: no array is in both."""
+    task = data.make_task("sort12", n_val=200, n_test=200)
+    val, test = (set(map(tuple, task.split(s)[0].tolist())) for s in ("val", "test"))
+    assert not val & test
+
+
+def test_reference_ranks_put_hidden_values_at_the_mean_visible_value_ties_by_position():
+    """fill="mean": a hidden value is ranked as the mean of the visible ones (here 30, tied with the visible 30 and
+    placed before it by position); fill="zero" ranks it as 0."""
+    M = data.SORT_MASK
+    x = torch.tensor([[110, M, 130, 150]])  # visible 10, 30, 50: mean 30
+    assert data.reference_ranks(x).tolist() == [[0, 1, 2, 3]]
+    assert data.reference_ranks(x, fill="zero").tolist() == [[1, 0, 2, 3]]
+
+
 def test_sort_targets_metrics_by_hand_and_reference_tau():
     task = data.make_task("sort12", n_val=2000, n_test=10)
     x, y = task.split("val")
@@ -809,18 +826,94 @@ def test_logged_samples_per_second_leave_out_evaluation_time(tmp_path, monkeypat
     assert after_eval["samples_per_s"] > 0.1
 
 
-def test_a_tie_in_validation_optimal_is_broken_by_cell_accuracy(tmp_path, monkeypatch):
-    real_evaluate, scripted = train.evaluate, [(0.5, 0.90), (0.5, 0.95), (0.5, 0.93)]  # validations at steps 2, 4, 6
+def read_log(run):
+    """A run's metrics.jsonl as a list of records."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
-    def scripted_evaluate(*args, **kwargs):
-        scored = real_evaluate(*args, **kwargs)
-        if scripted:  # the three validations; the test evaluation after them is left as it is
-            scored["per_segment"][-1].update(zip(("optimal", "cell_acc"), scripted.pop(0)))
+
+def scripted_validations(monkeypatch, values):
+    """train.evaluate with its validations' (optimal, cell_acc) replaced by `values`, in order; the test evaluation
+    after them is left as it is."""
+    real = train.evaluate
+    values = list(values)
+
+    def scripted(*args, **kwargs):
+        scored = real(*args, **kwargs)
+        if values:
+            scored["per_segment"][-1].update(zip(("optimal", "cell_acc"), values.pop(0)))
         return scored
-    monkeypatch.setattr(train, "evaluate", scripted_evaluate)
+    monkeypatch.setattr(train, "evaluate", scripted)
+
+
+def test_a_tie_in_validation_optimal_is_broken_by_cell_accuracy(tmp_path, monkeypatch):
+    scripted_validations(monkeypatch, [(0.5, 0.90), (0.5, 0.95), (0.5, 0.93)])  # validations at steps 2, 4, 6
     train.main(tiny_run_args(tmp_path, "maze5", "--max-steps", "6"))
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     assert best["step"] == 4 and best["best_val"] == pytest.approx((0.5, 0.95))  # not the first of the tie
+
+
+def test_an_exact_tie_in_every_selection_metric_keeps_the_earlier_best_checkpoint(tmp_path, monkeypatch):
+    """best.pt moves only on a strict improvement of (optimal, cell_acc): an exact tie keeps the earlier one."""
+    scripted_validations(monkeypatch, [(0.5, 0.90), (0.5, 0.90)])
+    train.main(tiny_run_args(tmp_path, "maze5", "--max-steps", "4"))
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["step"] == 2
+
+
+def test_test_json_names_the_step_of_the_best_checkpoint_not_the_last_step(tmp_path, monkeypatch):
+    """test.json scores best.pt and records best.pt's step (4 here), not the run's last step (6)."""
+    scripted_validations(monkeypatch, [(0.5, 0.90), (0.6, 0.10), (0.5, 0.99)])
+    result = train.main(tiny_run_args(tmp_path, "maze5", "--max-steps", "6"))
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["step"] == 4
+    assert json.loads((tmp_path / "run" / "test.json").read_text())["step"] == 4 == result["step"]
+
+
+def test_a_max_steps_inside_a_batch_still_ends_with_a_log_validation_and_checkpoint_at_the_last_step(tmp_path):
+    """--max-steps 3 with 2 segments per batch stops mid-batch: the last step is still logged, validated and saved
+    (ckpt.pt at step 3), as the end of every run is."""
+    train.main(tiny_run_args(tmp_path, "sort6", "--segments", "2", "--max-steps", "3", "--eval-interval", "100"))
+    assert [(r["step"], r["split"]) for r in read_log(tmp_path / "run")] == [
+        (2, "train"), (3, "train"), (3, "val"), (3, "test")]
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 3
+
+
+def test_resuming_a_run_whose_test_json_was_removed_logs_one_test_record(tmp_path):
+    """A finished run resumed (test.json removed, as ab.py does for an interrupted test) tests again; the log keeps
+    exactly one test record, the old one trimmed."""
+    train.main(tiny_run_args(tmp_path, "sort6"))
+    (tmp_path / "run" / "test.json").unlink()
+    train.main(tiny_run_args(tmp_path, "sort6", "--resume"))
+    assert [(r["step"], r["split"]) for r in read_log(tmp_path / "run")] == [(2, "train"), (2, "val"), (2, "test")]
+
+
+def test_lr_schedule_warms_up_linearly_then_follows_a_cosine_down_to_min_lr_frac(tmp_path):
+    """lr_at: step s < warmup gives (s+1)/warmup (never 0, the peak at the last warmup step); then a cosine from 1 at
+    the end of warmup to min_lr_frac at max_steps, and min_lr_frac after it. The run applies it to each group's
+    base LR: the train record after step 2 logs the LR step 1 used."""
+    a = types.SimpleNamespace(warmup=4, max_steps=104, min_lr_frac=0.1)
+    got = [train.lr_at(s, a) for s in (0, 1, 3, 4, 54, 104, 500)]
+    assert got == pytest.approx([0.25, 0.5, 1.0, 1.0, 0.1 + 0.9 * 0.5, 0.1, 0.1])
+    assert train.lr_at(29, types.SimpleNamespace(warmup=4, max_steps=104, min_lr_frac=0.0)) == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * 0.25)))
+    train.main(with_flags(tiny_run_args(tmp_path, "sort6"), warmup=4, lr=1e-3))
+    first = read_log(tmp_path / "run")[0]
+    assert first["split"] == "train" and first["lr"] == pytest.approx(1e-3 * 2 / 4)
+
+
+def test_grad_clip_bounds_the_gradient_norm_the_optimizer_sees(tmp_path, monkeypatch):
+    """--grad-clip c: the gradients reaching the optimizer step have total norm <= c (the tiny model's raw norm is
+    far above 1e-3)."""
+    real, seen = torch.nn.utils.clip_grad_norm_, []
+
+    def spy(parameters, max_norm, *a, **k):
+        parameters = list(parameters)
+        before = real(parameters, max_norm, *a, **k)
+        after = torch.norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None]))
+        seen.append((float(before), float(after)))
+        return before
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    train.main(tiny_run_args(tmp_path, "sort6", "--grad-clip", "1e-3"))
+    assert len(seen) == 2 and all(before > 1e-2 for before, _ in seen)
+    assert all(after <= 1e-3 * (1 + 1e-4) for _, after in seen), seen
 
 
 def test_save_then_resume_continues_from_the_saved_step(tmp_path):
@@ -1028,6 +1121,22 @@ def test_summarize_matches_hand_computed_mean_std_and_t_interval():
     assert stats.t_critical(22) == 2.086 and stats.t_critical(500) == 1.960  # between rows: the smaller df
     with pytest.raises(ValueError):
         stats.summarize([])
+
+
+def test_t_critical_uses_the_table_through_120_degrees_of_freedom():
+    """df = 120 is the table's last row (1.980); only beyond it is the normal 1.960 used."""
+    assert stats.t_critical(120) == 1.980 and stats.t_critical(121) == 1.960 and stats.t_critical(1) == 12.706
+
+
+def test_summary_table_shows_seconds_per_step_the_t_interval_and_warns_only_above_5_percent():
+    """The table's s/step is wall seconds over steps (10 s / 100 steps = 0.100), the cell shows the 95% CI
+    half-width t(1) * std / sqrt(2) = 0.6353 for [0.5, 0.6], and exactly 5% more parameters is no warning."""
+    rows = [{"controller": "none", "params": 1000, "wall_s": 10.0, "steps": 100, "tau": v} for v in (0.5, 0.6)]
+    rows.append({"controller": "hrm", "params": 1050, "wall_s": 30.0, "steps": 100, "tau": 0.7})
+    table = ab.summary_table(rows, ["tau"])
+    lines = table.splitlines()
+    assert "0.100" in lines[1] and "0.300" in lines[2]
+    assert "0.5500 ± 0.0707 (CI ±0.6353)" in table and "WARNING" not in table
 
 
 def test_summary_table_warns_only_when_parameter_counts_differ_by_more_than_5_percent():
@@ -1619,6 +1728,32 @@ def test_diag_of_an_unrouted_model_is_empty_not_a_crash():
         assert len(steps) == 2 and sample_maze.step_diagnostics(steps) == []
 
 
+class ScriptedPaths(nn.Module):
+    """Per segment, direction scores that walk one of two paths of loop_maze: the short one or the loop."""
+
+    def __init__(self, plan):
+        super().__init__()
+        self.plan, self.calls = plan, 0
+        short, loop = torch.zeros(9, 5), torch.zeros(9, 5)
+        short[3, 0] = short[0, 1] = 1.0  # (1,0) N -> (0,0) E -> goal (0,1)
+        loop[3, 1] = loop[4, 1] = loop[5, 0] = loop[2, 3] = 1.0  # (1,0) E (1,1) E (1,2) N (0,2) W -> goal
+        self.answers = {"short": short, "loop": loop}
+
+    def forward(self, x, state=None, **kw):
+        self.calls += 1
+        return {"logits": self.answers[self.plan[self.calls - 1]].expand(len(x), 9, 5).clone(), "state": {}}
+
+
+def test_sample_maze_auto_segments_restart_the_count_when_the_path_changes():
+    """run_traced with patience 2 waits for the decoded path to hold 2 segments in a row: paths A A B B B stop after
+    segment 5 (not 4, counting the earlier A A as well)."""
+    o, start, goal = loop_maze()
+    x = torch.from_numpy(np.stack([data.encode(o, start, goal)]))
+    model = ScriptedPaths(["short", "short", "loop", "loop", "loop", "loop", "loop"])
+    _, steps = sample_maze.run_traced(model, x, (3, 3), 7, 1, 1.0, patience=2, trace=False)
+    assert steps[-1]["seg"] == 5
+
+
 @pytest.mark.parametrize("flag, value, least", [("--inner-steps", 0, 1), ("--max-panels", 0, 1), ("--grid-n", 2, 3),
                                                ("--num-samples", -1, 1)])
 def test_sample_maze_bad_counts_give_one_line_errors(maze_run, flag, value, least):
@@ -1720,6 +1855,25 @@ def test_tiny_sweep_writes_one_row_per_value_controller_seed_and_reuses_runs(tmp
     # a metric the runs do not report: one line naming those they do, after results.csv is written
     with pytest.raises(SystemExit, match="--metric las: the runs report tau"):
         ab.main(["--metric", "las", *argv])  # the runs are reused
+
+
+def test_ab_row_counts_the_steps_a_time_budget_run_really_trained(tmp_path):
+    """A run stopped by --time-budget before --max-steps: the row's steps and best_step are the steps trained (one
+    step: sort6's recipe has 1 segment), not --max-steps 50."""
+    row = ab.run_one(str(tmp_path), "sort6", "none", 1, TINY_SORT + ["--max-steps", "50", "--time-budget", "1e-9"])
+    assert row["steps"] == 1 and row["best_step"] == 1
+
+
+def test_ab_wall_seconds_add_up_over_a_resume(tmp_path):
+    """A resumed run's wall_s is the time before the interruption plus the time of the resume."""
+    row = ab.run_one(str(tmp_path), "sort6", "none", 1, TINY_SORT)
+    record_path = os.path.join(row["run_dir"], "ab.json")
+    record = json.load(open(record_path))
+    record["wall_s"] = 1000.0  # as if the first attempt had run 1000 s before it was interrupted
+    json.dump(record, open(record_path, "w"))
+    os.remove(os.path.join(row["run_dir"], "test.json"))
+    again = ab.run_one(str(tmp_path), "sort6", "none", 1, TINY_SORT)
+    assert 1000.0 < again["wall_s"] < 1000.0 + 600
 
 
 # ---- reliability (issue 6)
@@ -3092,6 +3246,33 @@ def test_each_word_is_read_as_its_word_suffix_and_shape_and_an_unknown_word_keep
     assert y[0, 1:, 0].tolist() == [2, 0]
 
 
+def test_parse_task_word_vocab_keeps_only_words_seen_min_count_times(ud_sample_dir):
+    """The word (and suffix) vocabularies hold only training items seen >= MIN_COUNT times; a word seen once is read
+    as UNK, so the model meets UNK in training."""
+    from collections import Counter
+    task = parsing.ParseTask("ud_ewt", str(ud_sample_dir), progress=False)
+    counts = Counter(w.lower() for s in task.sentences["train"] for w in s.words)
+    kept = {w for w in task.words if w not in ("<pad>", "<unk>", "<root>")}
+    assert kept == {w for w, c in counts.items() if c >= parsing.MIN_COUNT}
+    once = next(s for s in task.sentences["train"] if any(counts[w.lower()] == 1 for w in s.words))
+    x, _ = task.encode([once])
+    singles = [i + 1 for i, w in enumerate(once.words) if counts[w.lower()] == 1]
+    assert (x[0, singles, 0] == parsing.UNK).all()
+
+
+def test_parse_training_batches_are_runs_of_similar_length(ud_sample_dir):
+    """train_batch draws a run of consecutive sentences in length order: the batch's lengths are a contiguous
+    slice of the sorted training lengths."""
+    task = parsing.ParseTask("ud_ewt", str(ud_sample_dir), progress=False)
+    lengths = sorted(len(s.words) for s in task.sentences["train"])
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        _, y = task.train_batch(8, gen)
+        got = sorted((y[..., 0] != -100).sum(1).tolist())
+        assert any(lengths[i:i + 8] == got for i in range(len(lengths) - 7)), got
+        assert y.shape[1] == max(got) + 1  # padded to its own longest sentence only
+
+
 def test_word_dropout_reads_some_real_words_as_unknown_and_nothing_else(ud_sample_dir):
     plain, dropped = (parsing.ParseTask("ud_ewt", str(ud_sample_dir), upos=True, word_dropout=p, progress=False)
                       for p in (0.0, 0.5))
@@ -3115,6 +3296,25 @@ def test_dropout_acts_in_training_only():
     torch.testing.assert_close(model(x)["logits"], plain(x)["logits"])
     model.train(), plain.train()
     assert (model(x)["logits"] - plain(x)["logits"]).abs().max() > 1e-3
+
+
+def test_parse_loss_is_the_mean_over_real_words_whatever_the_padding():
+    """Each sentence's loss is the mean over its words of head CE + label CE; padding the batch (longer rows, -inf
+    padding heads as Biaffine gives) leaves it unchanged."""
+    torch.manual_seed(0)
+    arc, lab = torch.randn(1, 3, 3), torch.randn(1, 3, 3, 4)
+    y = torch.tensor([[[-100, -100], [2, 1], [0, 3]]])
+    by_hand = sum(F.cross_entropy(arc[0, d], torch.tensor(h)) + F.cross_entropy(lab[0, d, h], torch.tensor(l))
+                  for d, (h, l) in ((1, (2, 1)), (2, (0, 3)))) / 2
+    loss = parsing.parse_loss((arc, lab), y)
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    arc_p = torch.full((1, 6, 6), float("-inf"))
+    arc_p[:, :3, :3] = arc
+    arc_p[:, 3:, :3] = 0.0  # padded rows: finite, never scored
+    lab_p = torch.zeros(1, 6, 6, 4)
+    lab_p[:, :3, :3] = lab
+    y_p = torch.cat([y, torch.full((1, 3, 2), -100)], 1)
+    assert parsing.parse_loss((arc_p, lab_p), y_p).item() == pytest.approx(loss.item(), rel=1e-5)
 
 
 def test_parse_loss_reaches_arcs_and_labels_and_ignores_padding():
