@@ -40,8 +40,8 @@ import sample_maze
 import stats
 import train
 
-from hrm_controller import (Controller, ControllerConfig, balance_loss, kept_heads, position_code, route,
-                            routing_entropy, temperature_at)
+from hrm_controller import (POSITION_PERIODS, Controller, ControllerConfig, anneal, balance_loss, kept_heads,
+                            position_code, route, routing_entropy, temperature_at)
 from model import ModelConfig, PoHModel, halting_distribution, supervised_steps
 from poh_block import BlockConfig, PoHAttention, PoHBlock, grid_coords, local_mask, open_mask, rope_tables
 
@@ -75,6 +75,26 @@ def test_model_output_shapes(controller, B, grid, heads, k):
         assert out["state"]["z_L"].shape == (B, grid[0] * grid[1], 8)
 
 
+def test_controller_step_by_hand_f_H_first_then_f_L_on_the_new_z_H():
+    """One hrm controller step at t % T == 0 by hand: z_H' = f_H([u, z_L], z_H), then z_L' = f_L([u, z_H'], z_L) (the
+    fast module reads the slow state just updated), then p = softmax(router([z_L', z_H']) / temperature)."""
+    ctrl = tiny_model(controller="hrm", T=2).controller
+    B, N, c = 2, 5, ctrl.cfg.d_ctrl
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, N, 16, generator=g)
+    state = {"z_L": torch.randn(B, N, c, generator=g), "z_H": torch.randn(B, N, c, generator=g)}
+    with torch.no_grad():
+        _, p, new, _ = ctrl(x, state, 0, 1.5)
+        u = (ctrl.inp(x) + ctrl.where(position_code((1, N)))).reshape(B * N, -1)
+        zL, zH = state["z_L"].reshape(B * N, -1), state["z_H"].reshape(B * N, -1)
+        zH = ctrl.f_H(torch.cat([u, zL], -1), zH)
+        zL = ctrl.f_L(torch.cat([u, zH], -1), zL)
+        want_p = F.softmax(ctrl.router(torch.cat([zL, zH], -1)) / 1.5, -1).view(B, N, -1)
+    torch.testing.assert_close(new["z_H"], zH.view(B, N, -1))
+    torch.testing.assert_close(new["z_L"], zL.view(B, N, -1))
+    torch.testing.assert_close(p, want_p)
+
+
 @pytest.mark.parametrize("T", [1, 2, 3])
 def test_controller_slow_state_updates_only_every_T_steps_inside_model_forward(T):
     m = tiny_model(controller="hrm", R=7, T=T)
@@ -88,6 +108,23 @@ def test_controller_slow_state_updates_only_every_T_steps_inside_model_forward(T
         assert float(s["h_update"]) == float(t % T == 0)
         assert not torch.equal(s["z_L"], prev_L), f"z_L must change at every step (t={t})"
         prev_H, prev_L = s["z_H"], s["z_L"]
+
+
+def test_the_model_routes_step_0_from_h_plus_e_and_the_grids_position_code():
+    """At inner step 0 the controller reads h + e (h the carried state, e the embedded input) with the position code
+    of the model's own grid (not that of a 1-row grid): the traced p and alpha equal the controller called by hand."""
+    m = tiny_maze_model("hrm", R=1, T=1)
+    torch.nn.init.normal_(m.controller.where.weight, std=1.0)  # make the position code matter
+    x = torch.randint(0, 48, (2, 12), generator=torch.Generator().manual_seed(0))
+    grid = (3, 4)
+    state = m.init_state(x)
+    state["h"] = torch.randn(state["h"].shape, generator=torch.Generator().manual_seed(1))  # a carried h, not e
+    with torch.no_grad():
+        step = m(x, state=state, grid=grid, trace=True, temperature=1.3)["trace"][0]
+        ctrl = {k: v for k, v in state.items() if k != "h"}
+        alpha, p, _, _ = m.controller(state["h"] + m.embed(x), ctrl, 0, 1.3, position_code(grid))
+    torch.testing.assert_close(step["p"], p)
+    torch.testing.assert_close(step["alpha"], alpha)
 
 
 def test_controller_state_really_carries_across_steps():
@@ -150,6 +187,25 @@ def test_topk_keeps_at_most_k_heads_summing_to_one():
         assert torch.equal(alpha.topk(k, -1).indices.sort(-1).values, p.topk(k, -1).indices.sort(-1).values)
 
 
+def approx6(value):
+    return pytest.approx(value, rel=1e-5, abs=1e-6)
+
+
+def test_routing_entropy_is_the_per_token_entropy_in_nats():
+    """routing_entropy is the mean over tokens of -sum_h p_h log p_h: log H for uniform routing, 0 for one head, and
+    the textbook value for a given distribution."""
+    assert float(routing_entropy(torch.full((2, 3, 4), 0.25))) == approx6(math.log(4))
+    assert float(routing_entropy(F.one_hot(torch.tensor([[0, 3]]), 4).float())) == approx6(0.0)
+    p = torch.tensor([[0.5, 0.25, 0.25, 0.0]])
+    assert float(routing_entropy(p)) == approx6(1.5 * math.log(2))
+
+
+def test_anneal_holds_its_end_value_past_the_end_and_its_start_before_it():
+    """anneal is linear on [0, 1] and flat outside: past the end of the schedule it stays at the end value."""
+    assert anneal(2.0, 1.0, 1.5) == 1.0 and anneal(2.0, 1.0, -0.5) == 2.0 and anneal(0.1, 0.0, 3.0) == 0.0
+    assert temperature_at(2.0, 2.0, 1.0) == 1.0 and temperature_at(0.25, 2.0, 1.0) == 1.75
+
+
 def test_lower_temperature_gives_sharper_routing():
     logits = torch.randn(4, 9, 4)
     _, p_hot = route(logits, 2.0, 4, hard=False)
@@ -159,6 +215,17 @@ def test_lower_temperature_gives_sharper_routing():
     assert temperature_at(0.0, 2.0, 1.0) == 2.0 and temperature_at(1.0, 2.0, 1.0) == 1.0
     assert temperature_at(0.5, 2.0, 0.5, floor=0.7) == pytest.approx(1.25)
     assert temperature_at(1.0, 2.0, 0.5, floor=0.7) == pytest.approx(0.7)
+
+
+def test_hard_routing_backward_is_exactly_the_full_softmax_gradient():
+    """Straight-through hard routing: the gradient that reaches the logits is that of the full (tempered) softmax p,
+    including the dropped heads' probabilities, not only the kept part of it."""
+    logits = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    g = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(1))
+    alpha, _ = route(logits, 0.7, 2, hard=True)
+    got = torch.autograd.grad((alpha * g).sum(), logits)[0]
+    want = torch.autograd.grad((F.softmax(logits / 0.7, -1) * g).sum(), logits)[0]
+    torch.testing.assert_close(got, want)
 
 
 def test_hard_routing_forward_is_hard_topk_and_router_still_gets_gradient():
@@ -232,6 +299,18 @@ def test_uniform_alpha_block_equals_torch_multihead_attention():
     assert torch.allclose(attn(x, mask=mask), expected_local, atol=1e-5)
 
 
+def test_the_block_is_pre_norm_attention_then_pre_norm_mlp_on_the_residual():
+    """PoHBlock(x) = x' + mlp(ln2(x')), x' = x + attn(ln1(x)): each sublayer reads a LayerNorm of the residual."""
+    torch.manual_seed(0)
+    block = PoHBlock(BlockConfig(d_model=16, n_heads=4))
+    x = 3 * torch.randn(2, 6, 16) + 1.0  # far from unit scale: a missing norm shows
+    alpha = torch.softmax(torch.randn(2, 6, 4), -1)
+    with torch.no_grad():
+        mid = x + block.attn(block.ln1(x), alpha)
+        want = mid + block.mlp(block.ln2(mid))
+        torch.testing.assert_close(block(x, alpha), want)
+
+
 def test_nonuniform_alpha_changes_block_output_per_head():
     torch.manual_seed(0)
     block = PoHBlock(BlockConfig(d_model=16, n_heads=4))
@@ -284,6 +363,25 @@ def test_rope2d_attention_depends_on_relative_position_only():
         c, s_ = cos.clone(), sin.clone()
         c[:, half], s_[:, half] = 1.0, 0.0
         assert (block(x, rope=(c, s_), mask=mask_a) - out).abs().max() > 1e-3, half
+
+
+def test_each_inner_step_is_blocks_of_norm_h_plus_e_from_h_equal_e():
+    """The unrouted recurrence by hand: h_0 = e (the embedded input), h_{t+1} = blocks(norm_in(h_t) + e), logits =
+    head(norm_out(h_R)); the returned state is h_R."""
+    m = tiny_maze_model("none", R=3)
+    x = torch.randint(0, 48, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = m(x, grid=(3, 3))
+        e = m.embed(x)
+        h = e
+        rope, mask = model_mod.rope_tables((3, 3), 4), m.attention_mask(x, (3, 3))
+        for _ in range(3):
+            h = m.norm_in(h) + e
+            for block in m.blocks:
+                h = block(h, None, rope, mask)
+    torch.testing.assert_close(out["state"]["h"], h)
+    torch.testing.assert_close(out["logits"], m.head(m.norm_out(h)))
+    torch.testing.assert_close(m.init_state(x)["h"], e)
 
 
 def test_bptt_reaches_first_step_state_and_tbptt_does_not():
@@ -613,6 +711,19 @@ def test_path_target_scores_a_maze_with_two_shortest_paths_as_not_unique():
     assert m["unique"] == [0.0] and np.isnan(m["exact"][0]) and m["optimal"] == [1.0]
 
 
+def test_label_smoothing_of_set_labels_with_one_right_class_is_torchs_smoothed_cross_entropy():
+    """With label smoothing, the set loss on one right class per token equals F.cross_entropy's label_smoothing
+    (towards the uniform distribution); and smoothing raises the loss of a confident right answer."""
+    logits = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(0))
+    classes = torch.tensor([[3, 0, 4, -100], [1, 1, 2, 0]])
+    single = torch.where(classes >= 0, 1 << classes.clamp(min=0), classes)
+    for ls in (0.1, 0.3):
+        torch.testing.assert_close(model_mod.token_loss(logits, single, ls, label_sets=True),
+                                   model_mod.token_loss(logits, classes, ls))
+    sure = 10 * F.one_hot(classes.clamp(min=0), 5).float()
+    assert (model_mod.token_loss(sure, single, 0.1, True) > model_mod.token_loss(sure, single, 0.0, True)).all()
+
+
 def test_a_maze_with_two_equally_short_moves_gives_both_full_credit_and_no_exact_score():
     o = ring_maze()
     x = torch.from_numpy(data.encode(o, (0, 0), (1, 1)))[None]
@@ -649,6 +760,18 @@ def test_a_maze_with_two_equally_short_moves_gives_both_full_credit_and_no_exact
     spur = np.pad(spur, ((0, 1), (0, 0), (0, 0)))  # a 3x3 grid, its last row walled off (unreachable)
     assert data.labels(spur, (0, 0), (1, 1), "path").reshape(3, 3).tolist() == [
         [ON, ON, OFF], [ON, ON, -100], [-100, -100, -100]]
+
+
+def test_training_batches_show_a_maze_under_all_8_symmetries(tmp_path):
+    """Augmented training batches draw each of the 8 square symmetries (rotations and reflections): from a one-maze
+    pool, a large batch holds exactly that maze's 8 images."""
+    task = data.make_task("maze5", n_train=1, n_val=0, n_test=0, cache_dir=str(tmp_path), progress=False)
+    p = task.pools["train"]
+    images = {data.encode(*data.symmetry(p["open"][0], tuple(p["start"][0]), tuple(p["goal"][0]), k)).tobytes()
+              for k in range(8)}
+    assert len(images) == 8  # this maze has no symmetry of its own
+    x, _ = task.train_batch(400, torch.Generator().manual_seed(0))
+    assert {row.numpy().astype(np.int64).tobytes() for row in x} == images
 
 
 def test_symmetries_give_valid_mazes_with_consistently_transformed_labels(maze8, cache8):
@@ -723,6 +846,21 @@ def test_sort_targets_metrics_by_hand_and_reference_tau():
     vis = data.make_task("sort12-visible", n_val=200, n_test=10)
     assert (vis.split("val")[0] != data.SORT_MASK).all()
     assert vis.reference_metrics(*vis.split("val"))["tau"] == 1.0
+
+
+def test_pools_of_other_generators_with_the_same_size_and_seed_are_cached_apart(tmp_path):
+    """The maze cache keys every setting: pools of the same n, count and seed but another generator or generator
+    argument are never read from each other's cache file."""
+    d = str(tmp_path)
+    perfect = data.load_mazes(5, 12, 0, d, progress=False)
+    loops = data.load_mazes(5, 12, 0, d, progress=False, generator="gen_dfs_percolation", gen_kwargs={"p": 0.4})
+    fewer = data.load_mazes(5, 12, 0, d, progress=False, generator="gen_dfs_percolation", gen_kwargs={"p": 0.1})
+    assert (perfect["open"].sum((1, 2, 3)) // 2 == 24).all()  # trees
+    for got, kw in ((loops, {"p": 0.4}), (fewer, {"p": 0.1})):
+        want = data.generate_mazes(5, 12, 0, generator="gen_dfs_percolation", gen_kwargs=kw)
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+    assert len(set(data.pool_file(5, 12, 0, g, kw) for g, kw in
+                   (("gen_dfs", None), ("gen_dfs_percolation", {"p": 0.4}), ("gen_dfs_percolation", {"p": 0.1})))) == 3
 
 
 def test_generation_keeps_caller_rngs_is_seeded_and_cache_recovers(tmp_path, capsys, monkeypatch):
@@ -2444,6 +2582,19 @@ def test_routing_at_initialisation_is_per_token_not_one_head_set(task_name):
                                                                                   parts["usage"])
 
 
+def test_position_code_is_the_centred_cos_and_sin_of_row_and_column_phases():
+    """position_code by hand: [cos, sin] of 2 pi row / P and 2 pi col / P for each period P, minus the grid mean; so
+    columns c and P - c (mirror images) get different codes."""
+    grid = (3, 5)
+    rows, cols = grid_coords(grid)
+    periods = torch.tensor(POSITION_PERIODS, dtype=torch.float32)
+    ang = torch.cat([rows[:, None] / periods, cols[:, None] / periods], 1) * 2 * math.pi
+    want = torch.cat([ang.cos(), ang.sin()], 1)
+    torch.testing.assert_close(position_code(grid), want - want.mean(0))
+    row0 = position_code((1, 5))
+    assert not torch.allclose(row0[1], row0[4], atol=1e-3)  # columns 1 and 4 differ (period 5: sin tells them apart)
+
+
 def test_position_code_is_centred_periodic_and_old_checkpoints_load_without_it(tmp_path):
     from hrm_controller import POSITION_PERIODS, position_code
     code = position_code((6, 10))
@@ -2673,6 +2824,23 @@ def test_goal_distance_from_the_tokens_is_the_bfs_distance_of_solve(generator, k
     role = [[0, 0, 2], [0, 1, 0]]
     x = torch.tensor([[b + 16 * r for rb, rr in zip(sides, role) for b, r in zip(rb, rr)]])
     assert data.goal_distance(x, (2, 3)).tolist() == [[2.0, 1.0, 0.0, 3.0, 4.0, -1.0]]
+
+
+def test_the_distance_head_reads_the_normalised_state_the_answer_reads():
+    """parts["dist"] is distance_loss of dist_head(norm_out(h)) on the last step's state h, the same read as the
+    answer's head (and as the front head's)."""
+    m = tiny_maze_model("hrm", R=2, dist_weight=0.5, label_sets=True)
+    with torch.no_grad():  # a non-trivial LayerNorm, so norm_out(h) and h differ a lot
+        m.norm_out.weight.uniform_(0.5, 2.0)
+        m.norm_out.bias.uniform_(-1.0, 1.0)
+    pool = data.generate_mazes(5, 4, 3)
+    x = torch.from_numpy(data.encode(pool["open"], pool["start"], pool["goal"]))
+    y = torch.from_numpy(data.batch_labels(pool["open"], pool["start"], pool["dist"].astype(np.int64)))
+    dist = data.goal_distance(x, (5, 5))
+    out = m(x, y, grid=(5, 5), dist=dist)
+    with torch.no_grad():
+        pred = m.dist_head(m.norm_out(out["state"]["h"])).squeeze(-1)
+    torch.testing.assert_close(out["parts"]["dist"].detach(), model_mod.distance_loss(pred, dist))
 
 
 def test_the_distance_head_trains_on_its_own_loss_and_leaves_the_answer_alone():
@@ -3404,6 +3572,15 @@ def test_the_pretrained_sort_model_is_stored_in_half_precision_and_ranks_fresh_a
     scored = train.evaluate(model, task, x, y, 1, temperature=train.checkpoint_temperature(ckpt))
     assert scored["per_segment"][-1]["tau"] > 0.45  # an untrained model ranks the hidden values at chance
     assert json.load(open(os.path.join(path, "test.json")))["tau"] > 0.49
+
+
+def test_mix_parts_of_the_train_val_and_test_pools_never_share_a_seed():
+    """Each part of a mixed pool draws from a stream of its own: across a task's train, val and test pools (pool seeds
+    3 * seed + 0, 1, 2) no two parts share a seed (a percolation maze starts as the DFS maze of its seed)."""
+    kinds = data.parse_kinds("loops")
+    for seed in range(5):
+        seeds = [s for i in range(3) for _, s, *_ in data.mix_parts(30, 3 * seed + i, kinds)]
+        assert len(set(seeds)) == len(seeds) == 9, (seed, seeds)
 
 
 def test_a_mix_of_maze_kinds_trains_and_evaluates_on_the_same_mix(tmp_path, capsys):
