@@ -1102,6 +1102,22 @@ def test_bad_settings_are_refused_before_any_maze_is_made(tmp_path, capsys, monk
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flag,before,after", [("batching", "fixed", "rolling"), ("data_seed", 0, 1),
+                                               ("n_train", 60, 80)])
+def test_resume_with_other_data_or_batches_is_one_line_and_leaves_the_files(tmp_path, flag, before, after):
+    """The flags that pick the data and the batches must match the checkpoint: --resume with another value stops with
+    one error line naming it, and the run's files stay as they were."""
+    args = with_flags(tiny_run_args(tmp_path, "sort6"), **{flag: before})
+    train.main(args)
+    run = tmp_path / "run"
+    saved = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(SystemExit) as exc:
+        train.main(with_flags(args, **{flag: after, "max_steps": 4}) + ["--resume"])
+    text = str(exc.value.code)
+    assert text.startswith("error: ") and f"{{{flag!r}: ({before!r}, {after!r})}}" in text and "\n" not in text
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == saved
+
+
 def test_existing_output_folder_needs_resume(tmp_path):
     train.main(tiny_run_args(tmp_path, "sort6"))
     with pytest.raises(SystemExit, match="already holds a run; pass --resume to continue it or pick"):
@@ -1301,6 +1317,38 @@ def test_bench_refuses_a_task_it_cannot_shape_and_an_unwritable_out_before_timin
         with pytest.raises(SystemExit) as exc:
             bench.main(["--device", "cpu", *argv])
         assert str(exc.value.code).startswith("error: ") and message in str(exc.value.code)
+
+
+def test_bench_compiled_step_check_sees_a_compiled_model_that_computes_something_else(monkeypatch):
+    """compiled_step's max_abs_diff compares the compiled model's loss and gradients with the eager model's: a
+    'compiled' model whose loss is 1% off must show a difference, not 0."""
+    class Off(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, *a, **kw):
+            out = self.m(*a, **kw)
+            return {**out, "loss": out["loss"] * 1.01}
+    monkeypatch.setattr(torch, "compile", lambda m, backend=None: Off(m))
+    c = bench.compiled_step("maze4", torch.device("cpu"), 2, "eager")
+    assert c["max_abs_diff"] > 1e-4
+
+
+def test_bench_memory_table_probes_each_R_and_grad_in_its_own_process(tmp_path, monkeypatch):
+    """Section 2's peak memory comes from a fresh process per row, run with that row's R and gradient mode."""
+    probed = []
+
+    def fake_run(cmd, **kw):
+        probed.append(tuple(cmd[cmd.index("--probe") + 1:cmd.index("--probe") + 3]))
+        return type("Done", (), {"stdout": str(100 + len(probed))})()
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench, "time_steps", lambda *a, **k: 0.01)
+    monkeypatch.setattr(bench, "matmul_peak", lambda device: 1e9)
+    results = bench.main(["--task", "maze4", "--device", "cpu", "--batch-size", "2", "--R", "2", "4", "--attn-sizes",
+                          "4:2", "--eval-mazes", "4", "--out", str(tmp_path / "b.json")])
+    assert probed == [("2", "bptt"), ("4", "bptt"), ("2", "tbptt"), ("4", "tbptt")]
+    assert [r["peak_bytes"] for r in results["memory"]] == [101, 102, 103, 104]
 
 
 def test_bench_main_writes_its_table_as_json_with_flat_tbptt_memory(tmp_path):
@@ -1543,6 +1591,15 @@ def loop_maze():
     return o, (1, 0), (0, 1)
 
 
+def scores_along(path, n, goal_class=data.GOAL_CLASS):
+    """(n*n, 5) scores whose best move at each cell of path is the move to the next cell, the goal class at its end."""
+    s = np.zeros((n * n, 5), dtype=np.float32)
+    for a, b in zip(path, path[1:]):
+        s[a[0] * n + a[1], data.MOVES.index((b[0] - a[0], b[1] - a[1]))] = 1.0
+    s[path[-1][0] * n + path[-1][1], goal_class] = 1.0
+    return s
+
+
 def test_bfs_distances_with_a_blocked_cell_and_the_rival_routes_of_a_loop():
     o, start, goal = loop_maze()
     dist = data.bfs_distances(o, goal)
@@ -1608,6 +1665,21 @@ def test_probe_race_finds_the_first_wrong_move_its_rival_and_an_answer_lost(maze
     taken = sum(b[k][0] for b in result["bands"] for k in probes.EXTRA)
     assert taken == len(result["failures"]) == round(12 * (1 - result["optimal"]))
     assert "Rival routes met on each path" in capsys.readouterr().out
+
+
+def test_probe_race_bands_a_rival_by_the_distance_of_the_cell_it_branches_off():
+    """race counts each rival in the band of the path cell where it branches off (the start, 2 moves from the goal),
+    not of the rival cell (3 moves): with bands of one move, band 2."""
+    o, start, goal = loop_maze()
+    x = torch.from_numpy(np.stack([data.encode(o, start, goal)] * 2))
+    y = torch.from_numpy(np.stack([data.labels(o, start, goal)] * 2))
+    right = torch.from_numpy(scores_along([start, (0, 0), goal], 3))
+    wrong = torch.from_numpy(scores_along([start, (1, 1), (1, 2), (0, 2), goal], 3))
+    answers = iter([torch.stack([wrong, right])] * 2)
+    model = lambda x, state=None, **kw: {"state": {}, "logits": next(answers)}
+    got = probes.race((model, 1, 1.0), (3, 3), x, y, 2, 1)
+    assert got["bands"] == [{"from": 2, "to": 3, "+2": [1, 2], "+4 to +8": [0, 0], "+10 or more": [0, 0],
+                             "dead end": [0, 2]}]
 
 
 def test_probe_front_reads_the_front_head_band_by_band(maze_run, tmp_path, capsys):
@@ -1707,6 +1779,57 @@ def test_evaluate_reproduces_test_json_and_scores_larger_mazes_with_more_steps(m
             evaluate.main([str(maze_run), *argv])
     with pytest.raises(SystemExit, match="no checkpoint at"):
         evaluate.main([str(tmp_path / "nothing.pt")])
+
+
+def test_evaluate_prints_one_line_per_segment_with_its_metrics(maze_run, capsys):
+    """With a fixed --segments, evaluate.py prints every segment's metrics (segment 1, 2, 3), each line holding that
+    segment's own numbers, not only the last segment's."""
+    result = evaluate.main([str(maze_run), "--n-test", "6", "--segments", "3", "--no-progress"])
+    out = capsys.readouterr().out
+    lines = [line.strip() for line in out.splitlines() if re.match(r"\s+segment \d+:", line)]
+    assert len(lines) == 3
+    for s, (line, seg) in enumerate(zip(lines, result["per_segment"]), 1):
+        assert line == f"segment {s}: " + " ".join(f"{k} {v:.4f}" for k, v in seg.items())
+
+
+def test_evaluate_prints_the_routing_of_every_inner_step_of_the_last_segment(maze_run, capsys):
+    """The routing per inner step: one 't T: h0 .. h1 .. | modal' line per inner step (4 here), with the head usage
+    and modal share evaluate.score returns."""
+    result = evaluate.main([str(maze_run), "--n-test", "6", "--segments", "2", "--no-progress"])
+    out = capsys.readouterr().out
+    assert "routing in the last segment" in out
+    rows = [line.strip() for line in out.splitlines() if re.match(r"\s+t \d+: h0 ", line)]
+    usage, modal = result["routing"]["usage"], result["routing"]["modal_share"]
+    assert len(rows) == len(usage) == result["inner_steps"] == 4
+    for t, (row, u, m) in enumerate(zip(rows, usage, modal)):
+        assert row == f"t {t}: " + " ".join(f"h{h} {v:.2f}" for h, v in enumerate(u)) + f" | {m:.2f}"
+
+
+def test_evaluate_top_level_metrics_and_out_json_are_the_last_segments(maze_run, tmp_path, monkeypatch):
+    """The result's (and --out JSON's) top-level optimal, reach, ... are the final segment's, not the first's (each
+    segment's optimal is scripted to differ, since the tiny model's answers barely change between segments)."""
+    real = train.evaluate
+
+    def scripted(*a, **kw):
+        scored = real(*a, **kw)
+        scored["per_segment"] = [dict(seg, optimal=s / 10) for s, seg in enumerate(scored["per_segment"])]
+        return scored
+    monkeypatch.setattr(train, "evaluate", scripted)
+    out = tmp_path / "e.json"
+    result = evaluate.main([str(maze_run), "--n-test", "12", "--segments", "3", "--out", str(out), "--no-progress"])
+    last = result["per_segment"][-1]
+    assert last["optimal"] == 0.2 and {k: result[k] for k in last} == last
+    saved = json.loads(out.read_text())
+    assert saved["optimal"] == 0.2 and saved["per_segment"] == result["per_segment"]
+
+
+def scores_along(path, n, goal_class=data.GOAL_CLASS):
+    """(n*n, 5) scores whose best move at each cell of path is the move to the next cell, the goal class at its end."""
+    s = np.zeros((n * n, 5), dtype=np.float32)
+    for a, b in zip(path, path[1:]):
+        s[a[0] * n + a[1], data.MOVES.index((b[0] - a[0], b[1] - a[1]))] = 1.0
+    s[path[-1][0] * n + path[-1][1], goal_class] = 1.0
+    return s
 
 
 def test_evaluate_checks_its_outputs_and_flags_before_scoring(maze_run, tmp_path, monkeypatch):
@@ -1890,6 +2013,60 @@ def test_sample_maze_auto_segments_restart_the_count_when_the_path_changes():
     model = ScriptedPaths(["short", "short", "loop", "loop", "loop", "loop", "loop"])
     _, steps = sample_maze.run_traced(model, x, (3, 3), 7, 1, 1.0, patience=2, trace=False)
     assert steps[-1]["seg"] == 5
+
+
+def test_a_path_that_reaches_the_goal_the_long_way_round_is_drawn_off_the_true_path():
+    """A prediction that reaches G by a longer route than the shortest one keeps the shortest path as the true one:
+    its detour cells show as x and the skipped shortest cell as o (only an equally short path replaces it)."""
+    o, start, goal = loop_maze()
+    long_way = [start, (1, 1), (1, 2), (0, 2), goal]  # 4 moves; the shortest is start, (0,0), goal
+    y = data.labels(o, start, goal)
+    m = sample_maze.maze_record({"open": o[None], "start": [start], "goal": [goal]}, 0, scores_along(long_way, 3), y,
+                                "direction")
+    assert m["pred_path"] == long_way and m["true_path"] == [start, (0, 0), goal]
+    text = sample_maze.render_ascii(o, start, goal, m["true_path"], m["pred_path"])
+    assert text.count("x") == 3 and text.count("o") == 1
+
+
+def test_cell_kinds_by_hand_on_the_3x3_maze():
+    """--diag's cell kinds: start, goal and their open neighbours 0; then 1 dead end, 2 corridor, 3 junction."""
+    o = maze_from_edges(3, EDGES)
+    kinds = sample_maze.cell_kinds({"open": o[None], "start": np.array([(2, 1)]), "goal": np.array([(2, 0)])})
+    assert kinds.tolist() == [[1, 3, 2, 0, 2, 2, 0, 0, 0]]
+
+
+def test_usage_by_kind_counts_the_heads_each_kind_keeps_by_hand():
+    """--diag's heads by cell kind: the share of each kind's token-steps that keep (alpha > 0) each head."""
+    kinds = np.array([[1, 3, 2, 0, 2, 2, 0, 0, 0]])
+    alpha = torch.nn.functional.one_hot(torch.arange(9) % 2, 2).float()[None]  # cell k keeps head k % 2 only
+    got = sample_maze.usage_by_kind([{"alpha": alpha}, {"alpha": alpha}], kinds)
+    assert got == {"start/goal": (4, [0.5, 0.5]), "dead end": (1, [1.0, 0.0]),
+                   "corridor": (3, pytest.approx([2 / 3, 1 / 3])), "junction": (1, [0.0, 1.0])}
+
+
+def test_show_steps_panels_are_the_first_maze_after_each_picked_step(maze_run, tmp_path, monkeypatch):
+    """--show-steps draws the first maze as it stood after each picked inner step (that step's wrong cells), not the
+    final answer repeated. Each step's logits are scripted (random), since the tiny model's barely change."""
+    drawn, real, scripted = {}, sample_maze.run_traced, []
+
+    def traced(*a, **kw):
+        logits, steps = real(*a, **kw)
+        for i, step in enumerate(steps):
+            step["logits"] = torch.randn(step["logits"].shape, generator=torch.Generator().manual_seed(i))
+            scripted.append(step["logits"][0].numpy())
+        return logits, steps
+    monkeypatch.setattr(sample_maze, "run_traced", traced)
+    monkeypatch.setattr(plots, "draw_refinement", lambda panels, out, titles: drawn.update(panels=panels) or out)
+    sample_maze.main([str(maze_run), "--num-samples", "2", "--segments", "2", "--show-steps", "--max-panels", "100",
+                      "--no-ascii", "--out", str(tmp_path / "s.png")])
+    _, y, _ = sample_maze.fresh_mazes(5, 2, 0, "direction")
+    wrong = []
+    for scores in scripted:  # by hand: cells whose best class is not one of the right ones
+        best = scores.argmax(-1)
+        wrong.append(sorted(divmod(k, 5) for k in range(25) if y[0, k] >= 0 and not (int(y[0, k]) >> best[k]) & 1))
+    assert len(drawn["panels"]) == len(wrong) == 8  # 2 segments x 4 inner steps, all picked
+    assert [sorted(p["cell_errors"]) for p in drawn["panels"]] == wrong
+    assert len({tuple(w) for w in wrong}) > 1
 
 
 @pytest.mark.parametrize("flag, value, least", [("--inner-steps", 0, 1), ("--max-panels", 0, 1), ("--grid-n", 2, 3),
@@ -2231,6 +2408,17 @@ def test_a_save_failing_midway_keeps_the_previous_checkpoint_and_leaves_no_tempo
     assert os.listdir(tmp_path) == ["ckpt.pt"]
     saved = torch.load(path, weights_only=True)
     assert saved["step"] == 1 and torch.equal(saved["w"], torch.arange(1000.0))
+
+
+def test_save_atomic_syncs_the_temporary_file_before_the_rename(tmp_path, monkeypatch):
+    """save_atomic makes the new bytes durable (fsync of the temporary file) before os.replace makes them the file,
+    so a crash of the machine right after the rename cannot leave an empty or partial ckpt.pt."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a))) or real_replace(a, b))
+    path = str(tmp_path / "ckpt.pt")
+    data.save_atomic({"step": 1}, path)
+    assert events == ["fsync", ("replace", f"{path}.{os.getpid()}.tmp")]
 
 
 def test_two_processes_writing_one_file_at_once_never_mix_their_bytes(tmp_path, monkeypatch):
@@ -3439,6 +3627,20 @@ def test_parse_training_batches_are_runs_of_similar_length(ud_sample_dir):
         got = sorted((y[..., 0] != -100).sum(1).tolist())
         assert any(lengths[i:i + 8] == got for i in range(len(lengths) - 7)), got
         assert y.shape[1] == max(got) + 1  # padded to its own longest sentence only
+
+
+def test_not_tree_counts_sentences_whose_greedy_heads_are_not_a_tree(ud_sample_dir):
+    """not_tree: the share of sentences whose argmax heads are not one tree (here two words on ROOT), though the
+    decoded (Chu-Liu/Edmonds) heads always are."""
+    task = parsing.ParseTask("ud_ewt", str(ud_sample_dir), progress=False)
+    y = torch.tensor([[[-100, -100], [0, 5], [1, 6]], [[-100, -100], [0, 5], [1, 6]]])
+    arc = torch.full((2, 3, 3), -10.0)
+    arc[:, 1, 0] = 5.0  # word 1 on ROOT in both
+    arc[0, 2, 0], arc[0, 2, 1] = 4.0, 3.0  # sentence 0: word 2 prefers ROOT too (greedy: two roots); 1 is next best
+    arc[1, 2, 1] = 5.0  # sentence 1: word 2 on word 1, a tree
+    lab = torch.zeros(2, 3, 3, task.n_classes)
+    got = task.metrics((arc, lab), None, y, per_item=True)
+    assert got["not_tree"] == [1.0, 0.0] and got["uas"] == [1.0, 1.0]
 
 
 def test_word_dropout_reads_some_real_words_as_unknown_and_nothing_else(ud_sample_dir):
