@@ -701,6 +701,12 @@ def test_a_path_of_the_right_length_into_a_dead_end_is_not_optimal():
     assert (m["reach"], m["optimal"], m["exact"]) == (0.0, 0.0, 0.0)
 
 
+def test_path_labels_mark_every_cell_of_every_shortest_path():
+    """The 'path' target marks the cells of every shortest path (a ring has two), not only the lowest-move one."""
+    y = data.labels(ring_maze(), (0, 0), (1, 1), "path")
+    assert y.tolist() == [2, 2, 2, 2]  # 1 << 1 on all four cells: both ways round the ring are shortest
+
+
 def test_path_target_scores_a_maze_with_two_shortest_paths_as_not_unique():
     """The path target on a maze with two shortest paths: optimal, but not unique, so not scored as exact."""
     o = ring_maze()
@@ -722,6 +728,17 @@ def test_label_smoothing_of_set_labels_with_one_right_class_is_torchs_smoothed_c
                                    model_mod.token_loss(logits, classes, ls))
     sure = 10 * F.one_hot(classes.clamp(min=0), 5).float()
     assert (model_mod.token_loss(sure, single, 0.1, True) > model_mod.token_loss(sure, single, 0.0, True)).all()
+
+
+def test_right_answers_count_any_of_several_equally_short_moves():
+    """right_answers: a cell with two shortest moves (a ring) is right with either one; a move off them is wrong."""
+    y = torch.from_numpy(data.labels(ring_maze(), (0, 0), (1, 1)))[None]  # (0, 0): E and S both shortest
+    logits = torch.zeros(1, 4, 5)
+    logits[0, 0, 2] = logits[0, 1, 2] = logits[0, 2, 1] = logits[0, 3, data.GOAL_CLASS] = 1.0  # S, S, E, goal
+    assert data.right_answers(y, logits).tolist() == [[True, True, True, True]]
+    logits[0, 0] = 0.0
+    logits[0, 0, 0] = 1.0  # N: into a wall
+    assert data.right_answers(y, logits).tolist() == [[False, True, True, True]]
 
 
 def test_a_maze_with_two_equally_short_moves_gives_both_full_credit_and_no_exact_score():
@@ -890,6 +907,25 @@ def test_generation_keeps_caller_rngs_is_seeded_and_cache_recovers(tmp_path, cap
         assert "unusable" in capsys.readouterr().out
         assert all(np.array_equal(a[k], c[k]) for k in a)
     assert np.load(path)["open"].shape == (30, 5, 5, 4)
+
+
+def test_curriculum_starts_on_short_paths_and_lifts_the_limit_over_its_steps():
+    """--curriculum-steps: max path length starts at 1/12 of the cells, grows with the step, and is gone after the
+    curriculum (and for other tasks)."""
+    args, task = types.SimpleNamespace(task="maze12", curriculum_steps=100), types.SimpleNamespace(seq_len=144)
+    limits = [train.curriculum_at(s, args, task)["max_path_len"] for s in (0, 50, 99)]
+    assert limits[0] == 12 and limits[0] < limits[1] < limits[2] <= 144
+    assert train.curriculum_at(100, args, task) == {}
+    assert train.curriculum_at(0, types.SimpleNamespace(task="sort12", curriculum_steps=100), task) == {}
+
+
+def test_train_batch_path_length_bounds_are_inclusive(maze8):
+    """min_path_len <= length <= max_path_len, both ends included: asking for exactly L gives mazes of length L."""
+    plen = maze8.pools["train"]["plen"]
+    L = int(np.median(plen))
+    assert (plen == L).any() and L not in (plen.min(), plen.max())
+    x, _ = maze8.train_batch(16, torch.Generator().manual_seed(0), min_path_len=L, max_path_len=L)
+    assert {len(data.solve(*data.decode(xi, 8))[1]) for xi in x.numpy()} == {L}
 
 
 def test_train_batch_reproducible_from_generator_and_respects_path_len_bounds(maze8):
@@ -1116,6 +1152,18 @@ def test_resume_with_other_data_or_batches_is_one_line_and_leaves_the_files(tmp_
     text = str(exc.value.code)
     assert text.startswith("error: ") and f"{{{flag!r}: ({before!r}, {after!r})}}" in text and "\n" not in text
     assert {p.name: p.read_bytes() for p in run.iterdir()} == saved
+
+
+@pytest.mark.parametrize("extra,flag,before,after", [(["--no-augment"], "no_augment", False, True),
+                                                     (["--mazes", "loops"], "mazes", "gen_dfs", "loops")])
+def test_resume_with_other_augmentation_or_maze_kinds_is_one_line(tmp_path, extra, flag, before, after):
+    """SAME_ON_RESUME: --resume with another --no-augment / --mazes than the run had stops with one error line."""
+    args = tiny_run_args(tmp_path, "maze5")
+    train.main(args)
+    with pytest.raises(SystemExit) as exc:
+        train.main(with_flags(args, max_steps=4) + extra + ["--resume"])
+    text = str(exc.value.code)
+    assert text.startswith("error: ") and f"{flag!r}: ({before!r}, {after!r})" in text and "\n" not in text
 
 
 def test_existing_output_folder_needs_resume(tmp_path):
@@ -1502,6 +1550,21 @@ def test_probe_hide_with_nothing_hidden_scores_each_segment_as_evaluate_does(maz
                 state[kind], logits[kind] = out["state"], out["logits"].float()
     torch.testing.assert_close(next(probes.rollout(probe, grid, x, 1, hidden_for=2))[1], logits["hidden"])
     assert (logits["hidden"] - logits["shown"]).abs().max() > 1e-3  # hiding the goal changed the answer
+
+
+def test_probe_hide_runs_each_curve_after_its_hidden_segments(maze_run, monkeypatch):
+    """hide: the curve for K comes from a rollout that first shows the mazes K segments without their goal."""
+    probe, _, grid, x, y = probe_pool(maze_run)
+    calls, real = [], probes.rollout
+    def spy(*args, **kwargs):
+        calls.append(args[4] if len(args) > 4 else kwargs.get("hidden_for", 0))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(probes, "rollout", spy)
+    curves = probes.hide(probe, grid, x, y, 2, [0, 2])
+    assert calls == [0, 2] and [len(c) for c in curves.values()] == [2, 2]
+    monkeypatch.setattr(probes, "rollout", real)
+    by_hand = [data.maze_metrics(lg, x, y)["optimal"] for _, lg in probes.rollout(probe, grid, x, 2, hidden_for=2)]
+    assert curves[2] == by_hand
 
 
 def test_probe_settle_finds_when_each_cell_settles(maze_run, monkeypatch):
@@ -1946,6 +2009,18 @@ def test_run_data_dir_finds_a_relative_cache_beside_the_run_from_any_folder(tmp_
     assert os.path.isabs(train.resolve_args(["--data-dir", "cache"]).data_dir)
 
 
+def test_run_data_dir_without_the_pool_anywhere_takes_the_first_folder_that_exists(tmp_path, monkeypatch):
+    """No candidate holds the training pool: the first existing folder (here the cache beside the run) wins over a
+    recorded relative path that does not exist from the current folder."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    (project / "cache").mkdir(parents=True)
+    (project / "runs" / "r").mkdir(parents=True)
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = {"task": "maze5", "n_train": 60, "data_seed": 1, "data_dir": "cache"}
+    assert train.run_data_dir(config, str(project / "runs" / "r" / "best.pt")) == str(project / "cache")
+
+
 def test_a_device_this_machine_lacks_is_one_line_naming_the_devices_it_has(maze_run, tmp_path):
     missing = "cuda" if not torch.cuda.is_available() else "cuda:99"
     with pytest.raises(ValueError, match="not available on this machine; it has: cpu"):
@@ -1979,6 +2054,15 @@ def test_evaluate_scores_a_sort_model_on_its_own_length_and_refuses_another(tmp_
         evaluate.main([str(tmp_path / "run"), "--n-test", "50", "--plot", str(tmp_path / "p.png"),
                        "--out", str(tmp_path / "e.json")])
     assert not (tmp_path / "e.json").exists() and not (tmp_path / "p.png").exists()
+
+
+def test_evaluate_of_a_sort_model_prints_the_reference_with_hidden_values_at_zero(tmp_path, capsys):
+    """A sorting model's yardstick is the simple reference with hidden values at 0, on the very arrays scored."""
+    train.main(tiny_run_args(tmp_path, "sort6"))
+    result = evaluate.main([str(tmp_path / "run"), "--n-test", "300", "--no-progress"])
+    task = data.make_task("sort6", n_val=12, n_test=300)
+    assert result["chance"] == task.reference_metrics(*task.split("test"), fill="zero")
+    assert "reference (hidden at 0): tau" in capsys.readouterr().out
 
 
 def test_diag_of_an_unrouted_model_is_empty_not_a_crash():
@@ -2554,6 +2638,28 @@ def test_init_from_starts_from_the_trained_weights_with_a_fresh_schedule(tmp_pat
             train.main(args + ["--out-dir", str(tmp_path / "other"), "--init-from", str(tmp_path / "run"), *extra])
         text = str(exc.value.code)
         assert text.startswith("error: ") and message in text and "\n" not in text, text
+
+
+def test_validation_scores_the_ema_weights(tmp_path, monkeypatch, one_thread):
+    """With --ema, validation (which picks best.pt) scores the EMA copy, not the raw weights."""
+    seen, real = [], train.evaluate
+    def spy(model, *args, **kwargs):
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real(model, *args, **kwargs)
+    monkeypatch.setattr(train, "evaluate", spy)
+    train.main(tiny_run_args(tmp_path, "sort6", "--ema", "0.9"))
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)  # saved at step 2, after the validation
+    assert all(torch.equal(seen[0][k], ckpt["ema"][k]) for k in ckpt["ema"])
+    assert any(not torch.equal(seen[0][k], ckpt["model"][k]) for k in ckpt["model"])
+
+
+def test_load_checkpoint_of_a_ckpt_with_ema_gives_the_ema_weights(tmp_path, one_thread):
+    """load_checkpoint on a ckpt.pt that kept an EMA (evaluate.py / sample_maze.py on ckpt.pt) loads the EMA
+    weights, the ones the run validates and keeps, not the raw weights."""
+    train.main(tiny_run_args(tmp_path, "sort6", "--ema", "0.9"))
+    model, ckpt = train.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ckpt["ema"].items())
+    assert any(not torch.equal(model.state_dict()[k], v) for k, v in ckpt["model"].items())
 
 
 def test_the_ema_weights_move_a_tenth_of_the_way_to_the_model_at_each_step_with_ema_0_9(tmp_path, one_thread):
@@ -3410,6 +3516,14 @@ def test_every_entry_point_keeps_freed_memory_first(monkeypatch, tmp_path):
             main(argv)
 
 
+def test_a_checkpoint_that_records_the_old_n_tags_field_still_loads(tmp_path):
+    """checkpoint_config drops n_tags (a field of older versions), so such a checkpoint loads with its weights."""
+    m = tiny_model()
+    torch.save({"model": m.state_dict(), "model_args": {**asdict(m.cfg), "n_tags": 0}}, tmp_path / "old.pt")
+    loaded, _ = train.load_checkpoint(str(tmp_path / "old.pt"))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in m.state_dict().items())
+
+
 def test_checkpoints_of_older_versions_resume_and_are_scored_at_the_end_of_the_anneal(tmp_path):
     args = tiny_run_args(tmp_path, "sort6")
     train.main(args)
@@ -3523,6 +3637,28 @@ def test_two_step_parsing_run_on_the_sample_prints_uas_and_las(ud_sample_dir, tm
                               (["--data-seed", "3"], "one fixed dev and test set")]:
             with pytest.raises(SystemExit, match=message):
                 evaluate.main([str(tmp_path / "run"), *argv])
+
+
+def test_biaffine_scores_by_hand_shapes_and_padding_heads():
+    """Biaffine: arc[b, d, j] = a_dep[d] U a_head[j] + a_head[j] . u (a head prior, not a dependent one), padding
+    heads -inf; lab (B, N, N, L) = bilinear label scores with bias rows, for every pair."""
+    torch.manual_seed(0)
+    b = parsing.Biaffine(8, 3, d_arc=4, d_label=2)
+    for p in (b.U, b.u, b.W):  # zero at init: give them values, so every term shows
+        nn.init.normal_(p)
+    h, pad = torch.randn(2, 5, 8), torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    with torch.no_grad():
+        arc, lab = b(h, pad)
+        dep, head = b.arc_dep(h), b.arc_head(h)
+        want = torch.einsum("bdi,ij,bhj->bdh", dep, b.U, head) + (head @ b.u)[:, None, :]
+        one = torch.ones(2, 5, 1)
+        ld, lh = torch.cat([b.lab_dep(h), one], -1), torch.cat([b.lab_head(h), one], -1)
+        want_lab = torch.einsum("bdi,lij,bhj->bdhl", ld, b.W, lh)
+    assert arc.shape == (2, 5, 5) and lab.shape == (2, 5, 5, 3)
+    torch.testing.assert_close(arc, want.masked_fill(pad[:, None, :], float("-inf")))
+    assert torch.isinf(arc[1, :, 3:]).all() and torch.isfinite(arc[1, :, :3]).all()
+    torch.testing.assert_close(lab, want_lab, rtol=1e-5, atol=1e-5)
 
 
 def test_padding_never_changes_the_parsers_scores_for_the_real_words(ud_sample_dir):
@@ -3643,6 +3779,19 @@ def test_not_tree_counts_sentences_whose_greedy_heads_are_not_a_tree(ud_sample_d
     assert got["not_tree"] == [1.0, 0.0] and got["uas"] == [1.0, 1.0]
 
 
+def test_parse_task_splits_read_dev_for_val_and_test_for_test(ud_sample_dir):
+    """ParseTask.split: val from the dev file, test from the test file (the fixture's files are all the same, so a
+    shorter test file tells them apart)."""
+    text = open(UD_SAMPLE, encoding="utf-8").read()
+    test_name = parsing.UD_FILES["test"][:-3]
+    blocks = [b for b in text.strip().split("\n\n") if any(line and line[0].isdigit() for line in b.splitlines())]
+    (ud_sample_dir / test_name).write_text("\n\n".join(blocks[:5]) + "\n\n", encoding="utf-8")
+    task = parsing.ParseTask("ud_ewt", str(ud_sample_dir), progress=False)
+    assert len(task.split("test")[0]) == 5 and len(task.split("val")[0]) == len(task.sentences["dev"]) > 5
+    with pytest.raises(ValueError, match="unknown split"):
+        task.split("train")
+
+
 def test_word_dropout_reads_some_real_words_as_unknown_and_nothing_else(ud_sample_dir):
     plain, dropped = (parsing.ParseTask("ud_ewt", str(ud_sample_dir), upos=True, word_dropout=p, progress=False)
                       for p in (0.0, 0.5))
@@ -3653,6 +3802,29 @@ def test_word_dropout_reads_some_real_words_as_unknown_and_nothing_else(ud_sampl
     assert (x1[..., 0][changed] == parsing.UNK).all() and not (changed & ~real).any()  # never ROOT or padding
     share = (changed | (x0[..., 0] == parsing.UNK))[real].float().mean().item()
     assert 0.35 < share < 0.65, share  # about half the words read as unknown
+
+
+def test_block_dropout_acts_on_both_the_attention_and_the_mlp_outputs():
+    """Dropout sits on each sublayer's output before the residual add: dropping everything leaves x itself."""
+    class DropAll(nn.Module):
+        def forward(self, t):
+            return torch.zeros_like(t)
+    torch.manual_seed(0)
+    block = PoHBlock(BlockConfig(d_model=16, n_heads=4, dropout=0.5)).train()
+    block.drop = DropAll()
+    x, alpha = torch.randn(2, 6, 16), torch.softmax(torch.randn(2, 6, 4), -1)
+    torch.testing.assert_close(block(x, alpha), x, rtol=0, atol=0)
+
+
+def test_the_initial_state_is_the_embedding_without_dropout_even_in_training():
+    """init_state: h = the embedded input, detached and never dropped out (a constant starting point)."""
+    torch.manual_seed(0)
+    m = PoHModel(ModelConfig(vocab_size=8, n_classes=3, d_model=16, n_heads=2, n_layers=1, d_ctrl=8, R=2,
+                             dropout=0.5), verbose=False).train()
+    x = torch.randint(0, 8, (2, 9))
+    h = m.init_state(x)["h"]
+    torch.testing.assert_close(h, m.embed_input(x).detach().float(), rtol=0, atol=0)
+    assert not h.requires_grad
 
 
 def test_dropout_acts_in_training_only():
