@@ -1120,6 +1120,140 @@ def test_bad_flags_give_one_line_errors(tmp_path, capsys, monkeypatch, extra, me
     assert message in text and "Traceback" not in text
 
 
+# ---- every flag reaches the place that acts on it (a flag silently ignored would fail one of these)
+
+MODEL_FLAGS = [  # (extra argv, ModelConfig field, value it must hold); tiny_run_args sets d_ctrl 8, n_layers 1, T 2
+    (["--hard-route"], "hard_route", True),
+    (["--h-gate", "learned"], "h_gate", "learned"),
+    (["--reset-controller"], "reset_controller", True),
+    (["--ponder-weight", "0.05"], "ponder_weight", 0.05),
+    (["--ponder-weight", "0.05", "--ponder-prior", "0.2"], "ponder_prior", 0.2),
+    (["--label-smoothing", "0.1"], "label_smoothing", 0.1),
+    (["--attn-impl", "dense"], "attn_impl", "dense"),
+    (["--d-ctrl", "6"], "d_ctrl", 6),
+    (["--n-layers", "3"], "n_layers", 3),
+    (["--supervise", "all"], "supervise", "all"),
+    (["--dropout", "0.3"], "dropout", 0.3),
+    (["--T", "3"], "T", 3),
+]
+
+
+@pytest.mark.parametrize("extra,field,value", MODEL_FLAGS, ids=[f for _, f, _ in MODEL_FLAGS])
+def test_every_model_flag_of_train_py_reaches_the_models_config(tmp_path, extra, field, value):
+    """Each model flag of train.py is carried by train.model_config into the ModelConfig the run builds (and so
+    into config.json's "model" and the checkpoints' model_args), not left at its default."""
+    args = train.resolve_args(tiny_run_args(tmp_path, "maze5", *extra))
+    cfg = train.model_config(args, types.SimpleNamespace(vocab_size=48, n_classes=5, feature_vocab=()))
+    assert getattr(cfg, field) == value
+    model = model_mod.PoHModel(cfg, verbose=False)  # and the model built from it really has it
+    if field == "n_layers":
+        assert len(model.blocks) == value
+    if field == "d_ctrl":
+        assert model.controller.cfg.d_ctrl == value
+
+
+@pytest.fixture(scope="module")
+def watched_run(tmp_path_factory):
+    """A 2-step sort6 run (2 segments: optimizer steps 0 and 1) with the loop's flags set away from their defaults;
+    records the temperature of each training step, the balance weight given to the model, the batch sizes of the
+    evaluations and what torch.compile was asked to compile."""
+    tmp = tmp_path_factory.mktemp("watched")
+    seen = {"temperature": [], "balance_weight": [], "eval_batch": [], "compiled": []}
+    real_step, real_eval = train.train_step, train.evaluate
+
+    def step(r, model, *a, **kw):
+        def spy(*args, **kwargs):
+            seen["balance_weight"].append(kwargs.get("balance_weight"))
+            return model(*args, **kwargs)
+        out, temperature = real_step(r, spy, *a, **kw)
+        seen["temperature"].append(temperature)
+        return out, temperature
+
+    def evaluate_spy(*a, **kw):
+        seen["eval_batch"].append(kw.get("batch_size"))
+        return real_eval(*a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "train_step", step)
+        mp.setattr(train, "evaluate", evaluate_spy)
+        mp.setattr(torch, "compile", lambda m, *a, **k: seen["compiled"].append(m) or m)
+        train.main(tiny_run_args(tmp, "sort6", "--temp-start", "4", "--temp-end", "1", "--temp-floor", "3",
+                                 "--balance-weight", "0.37", "--weight-decay", "0.05", "--lr-controller", "0.002",
+                                 "--eval-batch-size", "5", "--compile"))
+    return tmp / "run", seen
+
+
+def test_training_steps_anneal_from_temp_start_and_never_go_below_temp_floor(watched_run):
+    """--temp-start 4, --temp-end 1, --temp-floor 3 over 2 steps: step 0 routes at 4, step 1 at max(3, 2.5) = 3, and
+    the logged train temperature is the last step's."""
+    run, seen = watched_run
+    assert seen["temperature"] == [pytest.approx(4.0), pytest.approx(3.0)]
+    assert [r["temperature"] for r in read_log(run) if r["split"] == "train"] == [pytest.approx(3.0)]
+
+
+def test_balance_weight_flag_is_the_weight_every_training_forward_gets(watched_run):
+    """--balance-weight 0.37 reaches the model at every training step (not the default 0.01)."""
+    _, seen = watched_run
+    assert seen["balance_weight"] == [0.37, 0.37]
+
+
+def test_weight_decay_and_lr_controller_reach_the_optimizer(watched_run):
+    """The saved optimizer has the 2-D tensors' groups at --weight-decay 0.05 (the rest at 0), and the controller's
+    groups at --lr-controller 0.002 while the others keep the run's --lr."""
+    run, _ = watched_run
+    groups = torch.load(run / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert {g["weight_decay"] for g in groups} == {0.05, 0.0}
+    lr = json.loads((run / "config.json").read_text())["lr"]
+    assert sorted({g["base_lr"] for g in groups}) == sorted({0.002, lr})
+
+
+def test_eval_batch_size_is_the_batch_of_every_validation_and_the_test(watched_run):
+    """--eval-batch-size 5: the validation and the final test are scored in batches of 5."""
+    _, seen = watched_run
+    assert seen["eval_batch"] == [5, 5]
+
+
+def test_compile_flag_compiles_the_model_that_trains(watched_run):
+    """--compile hands the run's model to torch.compile (a spy here) once."""
+    _, seen = watched_run
+    assert len(seen["compiled"]) == 1 and isinstance(seen["compiled"][0], model_mod.PoHModel)
+
+
+class Stop(Exception):
+    """Raised by a spy to end a run where it was looked at."""
+
+
+def task_kwargs(monkeypatch, argv):
+    """The keyword arguments train.main gives make_task for argv (the run stops there)."""
+    seen = {}
+
+    def spy(name, **kw):
+        seen.update(kw, name=name)
+        raise Stop
+    monkeypatch.setattr(train, "make_task", spy)
+    with pytest.raises(Stop):
+        train.main(argv)
+    return seen
+
+
+def test_data_seed_n_val_and_n_test_pick_the_runs_pools(tmp_path, monkeypatch):
+    """--data-seed, --n-val and --n-test reach make_task; and behaviourally, a maze5 run with --n-test 7 is tested
+    on 7 mazes."""
+    kw = task_kwargs(monkeypatch, tiny_run_args(tmp_path, "maze5", "--data-seed", "5", "--n-val", "9",
+                                                 "--n-test", "7"))
+    assert (kw["seed"], kw["n_val"], kw["n_test"]) == (5, 9, 7)
+    monkeypatch.undo()
+    result = train.main(tiny_run_args(tmp_path / "b", "sort6", "--n-test", "7", "--n-val", "5"))
+    assert result["n_test"] == 7
+
+
+def test_upos_and_word_dropout_reach_the_parsing_task(tmp_path, monkeypatch):
+    """ud_ewt --upos gold --word-dropout 0.2: make_task builds the parsing task with UPOS tags and that dropout."""
+    kw = task_kwargs(monkeypatch, ["--task", "ud_ewt", "--data-dir", str(tmp_path), "--upos", "gold",
+                                   "--word-dropout", "0.2", "--out-dir", str(tmp_path / "run"), "--no-progress"])
+    assert kw["name"] == "ud_ewt" and kw["upos"] is True and kw["word_dropout"] == 0.2
+
+
 def test_existing_output_folder_needs_resume(tmp_path):
     train.main(tiny_run_args(tmp_path, "sort6"))
     with pytest.raises(SystemExit, match="already holds a run; pass --resume to continue it or pick"):
@@ -2094,6 +2228,70 @@ def test_show_steps_panels_are_the_first_maze_after_each_picked_step(maze_run, t
     assert len(drawn["panels"]) == len(wrong) == 8  # 2 segments x 4 inner steps, all picked
     assert [sorted(p["cell_errors"]) for p in drawn["panels"]] == wrong
     assert len({tuple(w) for w in wrong}) > 1
+
+
+def test_evaluate_batch_size_flag_is_the_scoring_batch(maze_run, monkeypatch):
+    """evaluate.py --batch-size 3 scores in batches of 3 (train.evaluate gets it), not the default 64."""
+    seen, real = [], train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda *a, **kw: seen.append(kw["batch_size"]) or real(*a, **kw))
+    evaluate.main([str(maze_run), "--n-test", "6", "--segments", "1", "--batch-size", "3", "--no-progress"])
+    assert seen == [3]
+
+
+def test_sample_maze_seed_picks_other_fresh_mazes(maze_run, tmp_path, monkeypatch):
+    """sample_maze.py --seed 5 solves the mazes of fresh_mazes' seed 5 (other mazes than seed 0's)."""
+    seen, real = [], sample_maze.fresh_mazes
+    monkeypatch.setattr(sample_maze, "fresh_mazes", lambda *a, **kw: seen.append(a[2]) or real(*a, **kw))
+    sample_maze.main([str(maze_run), "--num-samples", "1", "--seed", "5", "--no-ascii",
+                      "--out", str(tmp_path / "s.png")])
+    assert seen == [5]
+    assert not torch.equal(real(5, 1, 5, "direction")[0], real(5, 1, 0, "direction")[0])
+
+
+def test_sample_maze_max_panels_caps_the_steps_drawn(maze_run, tmp_path, monkeypatch):
+    """--show-steps --max-panels 3 over 2 segments x 4 inner steps (8 steps) draws 3 panels: the first, middle and
+    last step, not all 8."""
+    drawn = {}
+    monkeypatch.setattr(plots, "draw_refinement", lambda panels, out, titles: drawn.update(titles=titles) or out)
+    sample_maze.main([str(maze_run), "--num-samples", "1", "--segments", "2", "--show-steps", "--max-panels", "3",
+                      "--no-ascii", "--out", str(tmp_path / "s.png")])
+    assert [t.split(":")[0] for t in drawn["titles"]] == ["seg 1 t 0", "seg 2 t 0", "seg 2 t 3"]
+
+
+def probe_cli(maze_run, monkeypatch, name, argv):
+    """Run probes.py NAME on the tiny run's 12 validation mazes with a spy on probes.NAME; returns its arguments."""
+    seen, real = [], getattr(probes, name)
+    monkeypatch.setattr(probes, name, lambda *a: seen.append(a) or real(*a))
+    probes.main([name, str(maze_run), "--task", "maze5", "--n-test", "12", "--data-dir", str(maze_run.parent / "cache"),
+                 *argv])
+    assert len(seen) == 1
+    return seen[0]
+
+
+def test_probe_settle_bands_the_cells_by_band_moves(maze_run, tmp_path, monkeypatch):
+    """probes.py settle --band 2: rows of 2 moves each (0-2, 2-4, ...), in the JSON written with --out."""
+    out = tmp_path / "settle.json"
+    args = probe_cli(maze_run, monkeypatch, "settle", ["--segments", "2", "--band", "2", "--out", str(out)])
+    assert args[4:] == (2, 2)
+    rows = json.loads(out.read_text())["result"]
+    assert len(rows) > 1 and all(r["to"] - r["from"] == 2 for r in rows)
+
+
+def test_probe_hide_runs_the_hidden_counts_given(maze_run, tmp_path, monkeypatch):
+    """probes.py hide --hide 0,1: curves after 0 and after 1 hidden segments, and no others."""
+    out = tmp_path / "hide.json"
+    args = probe_cli(maze_run, monkeypatch, "hide", ["--segments", "2", "--hide", "0,1", "--out", str(out)])
+    assert args[4:] == (2, [0, 1])
+    assert sorted(json.loads(out.read_text())["result"]) == ["0", "1"]
+
+
+def test_probe_race_runs_the_segments_given(maze_run, monkeypatch):
+    """probes.py race --segments 2 rolls the mazes out for 2 segments (rollout asked for 2), not the default 48."""
+    seen, real = [], probes.rollout
+    monkeypatch.setattr(probes, "rollout", lambda probe, grid, x, segments, *a, **k: seen.append(segments) or
+                        real(probe, grid, x, segments, *a, **k))
+    args = probe_cli(maze_run, monkeypatch, "race", ["--segments", "2"])
+    assert args[4] == 2 and seen == [2]
 
 
 @pytest.mark.parametrize("flag, value, least", [("--inner-steps", 0, 1), ("--max-panels", 0, 1), ("--grid-n", 2, 3),
