@@ -28,6 +28,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from matplotlib.colors import to_hex
 
 import ab
 import bench
@@ -147,6 +148,26 @@ def test_controller_state_really_carries_across_steps():
     _, _, from_zero, _ = ctrl(h_in, ctrl.init_state(*h_in.shape[:2], h_in.device), 1)
     assert torch.allclose(from_carried["z_L"], steps[1]["z_L"], atol=1e-6)
     assert not torch.allclose(from_zero["z_L"], steps[1]["z_L"], atol=1e-3)
+
+
+def test_learned_h_gate_value_is_sigmoid_of_the_gate_on_u_z_L_z_H_and_mixes_by_it():
+    """h_gate learned: g = sigmoid(gate([u, z_L, z_H])) per token (unsaturated), z_H' = g f_H + (1 - g) z_H, and
+    the reported h_update is g's mean."""
+    m = tiny_model(controller="hrm", R=4, T=3, h_gate="learned")
+    ctrl = m.controller
+    torch.manual_seed(1)
+    h_in = torch.randn(2, 5, m.cfg.d_model)
+    state = {"z_L": torch.randn(2, 5, m.cfg.d_ctrl), "z_H": torch.randn(2, 5, m.cfg.d_ctrl)}
+    with torch.no_grad():
+        ctrl.gate.weight.normal_(0, 0.5)
+        u = (ctrl.inp(h_in) + ctrl.where(position_code((1, 5)))).flatten(0, 1)
+        zl, zh = state["z_L"].flatten(0, 1), state["z_H"].flatten(0, 1)
+        g = torch.sigmoid(ctrl.gate(torch.cat([u, zl, zh], -1)))
+        assert 0.05 < g.min() and g.max() < 0.95 and g.std() > 0.05
+        update = ctrl.f_H(torch.cat([u, zl], -1), zh)
+        _, _, new, h_update = ctrl(h_in, state, t=1)
+    torch.testing.assert_close(new["z_H"], (g * update + (1 - g) * zh).view(2, 5, -1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h_update, g.mean())
 
 
 def test_learned_h_gate_updates_slow_state_every_step_by_a_gate_in_0_1():
@@ -1545,6 +1566,83 @@ def keep_figures(monkeypatch):
     figures, close = [], plots.plt.close
     monkeypatch.setattr(plots.plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
     return figures
+
+
+def drawn_maze(monkeypatch, tmp_path, **extra):
+    """Draws the EDGES 3x3 maze (true path via the middle, prediction into the dead end) with draw_refinement;
+    returns the figure and its one axis."""
+    o = maze_from_edges(3, EDGES)
+    true = data.solve(o, (0, 0), (2, 0))[1]
+    pred = [(0, 0), (0, 1), (0, 2), (1, 2), (2, 2), (2, 1)]
+    maze = {"open": o, "start": (0, 0), "goal": (2, 0), "true_path": true, "pred_path": pred, **extra}
+    figures = keep_figures(monkeypatch)
+    plots.draw_refinement([maze], str(tmp_path / "r.png"), ["seg 1 t 0: 2 cells wrong"])
+    assert_png(tmp_path / "r.png")
+    return figures[-1], figures[-1].axes[0], o, true, pred
+
+
+def test_draw_maze_draws_a_wall_segment_on_exactly_each_closed_side(monkeypatch, tmp_path):
+    """Each panel's black lines are the closed sides of the cells (border included), none on an open passage."""
+    _, ax, o, _, _ = drawn_maze(monkeypatch, tmp_path)
+    ends = {0: ((0, 0), (1, 0)), 1: ((1, 0), (1, 1)), 2: ((0, 1), (1, 1)), 3: ((0, 0), (0, 1))}
+    want = sorted((c + x0, r + y0, c + x1, r + y1) for r in range(3) for c in range(3) for d, ((x0, y0), (x1, y1))
+                  in ends.items() if not o[r, c, d])
+    walls = sorted(tuple(float(v) for v in (*line.get_xdata(), *line.get_ydata()))
+                   for line in ax.lines if line.get_color() == "k")
+    walls = sorted((a, c, b, d) for a, b, c, d in walls)  # (x0, x1, y0, y1) -> (x0, y0, x1, y1)
+    assert len(want) == 36 - 16 and walls == want
+
+
+def test_draw_maze_shades_predicted_cells_off_the_true_path_and_missed_true_cells(monkeypatch, tmp_path):
+    """Red ('wrong') squares sit on predicted cells off the true path, orange ('missed') on true cells the
+    prediction lacks; cells on both paths are not shaded."""
+    _, ax, _, true, pred = drawn_maze(monkeypatch, tmp_path)
+    shaded = {}
+    for p in ax.patches:
+        colour = to_hex(p.get_facecolor(), keep_alpha=False)
+        shaded.setdefault(colour, set()).add((int(p.get_y()), int(p.get_x())))  # (row, col)
+    assert shaded == {plots.COLORS["wrong"]: set(pred) - set(true), plots.COLORS["missed"]: set(true) - set(pred)}
+    assert shaded[plots.COLORS["wrong"]] == {(0, 2), (1, 2), (2, 2), (2, 1)}
+
+
+def test_draw_maze_marks_each_wrong_class_cell_with_an_x_at_its_centre(monkeypatch, tmp_path):
+    """cell_errors (row, col) are drawn as 'x' markers at x = col + 0.5, y = row + 0.5 (row 0 at the top)."""
+    _, ax, _, _, _ = drawn_maze(monkeypatch, tmp_path, cell_errors=[(0, 2), (2, 1)])
+    marks = [line for line in ax.lines if line.get_marker() == "x"]
+    assert len(marks) == 1
+    assert list(marks[0].get_xdata()) == [2.5, 1.5] and list(marks[0].get_ydata()) == [0.5, 2.5]
+
+
+def test_draw_refinement_titles_each_panel_and_the_strip(monkeypatch, tmp_path):
+    """Each panel of the refinement strip carries its own title (the step and its wrong-cell count), under the
+    strip's suptitle."""
+    fig, ax, _, _, _ = drawn_maze(monkeypatch, tmp_path)
+    assert ax.get_title() == "seg 1 t 0: 2 cells wrong"
+    assert fig.get_suptitle() == "prediction after each inner step"
+
+
+def test_evaluate_plot_draws_reach_and_optimal_of_each_segment(maze_run, tmp_path, monkeypatch):
+    """evaluate.py --plot: the 'reach' and 'optimal' lines hold the result's per-segment values at segments 1..S."""
+    figures = keep_figures(monkeypatch)
+    result = evaluate.main([str(maze_run), "--n-test", "12", "--segments", "3", "--no-progress",
+                            "--plot", str(tmp_path / "seg.png")])
+    assert_png(tmp_path / "seg.png")
+    lines = {line.get_label(): line for line in figures[-1].axes[0].lines}
+    for key in ("reach", "optimal"):
+        assert list(lines[key].get_xdata()) == [1, 2, 3]
+        assert list(lines[key].get_ydata()) == [seg[key] for seg in result["per_segment"]]
+
+
+def test_segments_plot_draws_reach_and_optimal_as_given_per_segment(tmp_path, monkeypatch):
+    """segments_plot (evaluate.py --plot): the 'reach' line holds each segment's reach and the 'optimal' line its
+    optimal, at x = 1..S (distinct values, so the two lines cannot be swapped unseen)."""
+    figures = keep_figures(monkeypatch)
+    per_segment = [{"reach": 0.6, "optimal": 0.2}, {"reach": 0.9, "optimal": 0.5}, {"reach": 1.0, "optimal": 0.7}]
+    plots.segments_plot(per_segment, str(tmp_path / "seg.png"), "maze5")
+    assert_png(tmp_path / "seg.png")
+    lines = {line.get_label(): line for line in figures[-1].axes[0].lines}
+    assert list(lines["reach"].get_ydata()) == [0.6, 0.9, 1.0] and list(lines["optimal"].get_ydata()) == [0.2, 0.5, 0.7]
+    assert list(lines["reach"].get_xdata()) == [1, 2, 3] and figures[-1].axes[0].get_title() == "maze5"
 
 
 def test_plot_run_writes_a_png_from_the_metrics_log(maze_run, tmp_path, monkeypatch):
