@@ -725,8 +725,7 @@ def build(args, device, rank, world):
                          n_test=args.n_test, cache_dir=args.data_dir, target=args.target,
                          augment=not args.no_augment, progress=master and not args.no_progress,
                          upos=args.upos == "gold", word_dropout=args.word_dropout, kinds=parse_kinds(args.mazes))
-        cfg = model_config(args, task)
-        cfg.validate()
+        cfg = model_config(args, task)  # its checks ran in resolve_args, before the data
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
     model = PoHModel(cfg, verbose=master).to(device)
