@@ -26,10 +26,15 @@ taken where the item stopped, and the segments used are reported (mean, max, per
 --latch (Latch): a maze cell keeps its answer once its best move has held for LATCH's segments in a row, each with the
 cell reached by the goal's answer (the front head of a model trained with train.py --front-weight) or, without a
 front head, sure of it; with fixed segments and with auto alike.
+
+--arrival (Arrival): a model trained with train.py --front-weight --front-every, read by when its front head first
+says the goal's answer has reached each cell: a cell's move goes to the open neighbour reached first, as a walk down
+BFS distances would, and falls back to the model's move where no neighbour has been reached yet.
 """
 
 import argparse
 import json
+import functools
 import math
 
 import torch
@@ -87,6 +92,8 @@ def run_adaptive(model, task, x, n_steps, temperature, cap, patience=PATIENCE, b
             if final is None:
                 final = torch.empty(B, *logits.shape[1:])
             answer = answer_keys(task, logits, xa)
+            if out.get("pending") is not None:  # a read-out that says an item's answer is not ready (Arrival)
+                answer = [None if wait else a for a, wait in zip(answer, out["pending"].tolist())]
             if previous is not None:
                 same = torch.tensor([a is not None and a == b for a, b in zip(answer, previous)])
                 calm = torch.where(same, calm + 1, torch.zeros_like(calm))
@@ -186,6 +193,72 @@ class Latch(Scoring):
         return {**out, "logits": torch.where(locked[..., None], kept, logits), "state": {**out["state"], **memory}}
 
 
+ARRIVAL_GATE = 0.5  # --arrival: a cell counts as reached at the first inner step with P(reached) >= this
+BONUS = 1e4  # --arrival: added to the log-probability of the moves toward the first-reached neighbour (any log-p)
+
+
+@functools.lru_cache(maxsize=16)
+def neighbour_table(n):
+    """For an n x n grid: each cell's neighbour in each direction of data.MOVES, (N, 4) indices, and whether it
+    lies inside the grid, (N, 4)."""
+    r, c = torch.arange(n * n) // n, torch.arange(n * n) % n
+    nr = r[:, None] + torch.tensor([dr for dr, _ in data.MOVES])
+    nc = c[:, None] + torch.tensor([dc for _, dc in data.MOVES])
+    inside = (nr >= 0) & (nr < n) & (nc >= 0) & (nc < n)
+    return torch.where(inside, nr * n + nc, 0), inside
+
+
+def arrival_logits(logits, x, arrival, n):
+    """Maze logits (B, N, 5) re-read by arrival times (B, N) (inf: not yet reached): at every cell but the goal, the
+    moves toward the open neighbour with the earliest arrival get BONUS, so they win over any other class and, where
+    several neighbours arrived at once, the model's own scores choose among them. A cell with no reached open
+    neighbour keeps the model's answer. Returns log-probabilities plus the bonus."""
+    index, inside = (t.to(x.device) for t in neighbour_table(n))
+    opened = ((x[..., None] >> torch.arange(4, device=x.device)) & 1).bool() & inside  # (B, N, 4)
+    around = torch.where(opened, arrival[:, index], torch.inf)  # (B, N, 4): each open neighbour's arrival
+    earliest = around.amin(-1, keepdim=True)
+    first = (around == earliest) & earliest.isfinite() & (x // 16 != 2)[..., None]  # role 2: the goal (data.encode)
+    logp = logits.float().log_softmax(-1)
+    return torch.cat([logp[..., :4] + BONUS * first, logp[..., 4:]], -1)
+
+
+class Arrival(Scoring):
+    """A maze model with a front head trained at every inner step (train.py --front-every), read by arrival: a
+    cell's arrival is the first inner step, counted over the segments, from which the head's P(reached) >= gate
+    holds to the end of its segment (once set, it is kept), and
+    its answer is the move toward the open neighbour that arrived first (arrival_logits). If the head's front moves
+    at a constant speed, arrivals order cells by their distance to the goal, and the greedy walk from the start
+    follows a shortest path, however long the routes that race to a cell. Until the front reaches the start, an item
+    is "pending" (run_adaptive waits). Arrivals ride in the carried state (keys
+    "arrival_*", batch first), so run_adaptive drops a stopped maze's with the rest of its state."""
+
+    def __init__(self, model, gate=ARRIVAL_GATE):
+        super().__init__(model)
+        if getattr(model, "front_head", None) is None:
+            raise ValueError("--arrival reads the front head; this model has none (train.py --front-weight)")
+        self.gate = gate
+
+    def forward(self, x, state=None, grid=None, **kwargs):
+        self.refuse_training_inputs(kwargs)
+        state = dict(state or {})
+        arrival, clock = state.pop("arrival_time", None), state.pop("arrival_clock", None)
+        out = self.model(x, state=state or None, grid=grid, front_steps=True, **kwargs)
+        reached = out["reached_steps"] >= self.gate  # (B, R, N)
+        # from which inner step on a cell reads reached to the segment's end: a read that flickers up and falls
+        # again within the segment (the first inner step of a fresh maze reads about the same everywhere) is no arrival
+        stays = reached.flip(1).cummin(1).values.flip(1)
+        if arrival is None:
+            arrival = torch.full(reached[:, 0].shape, torch.inf, device=x.device)
+            clock = torch.zeros(len(x), device=x.device)
+        first = stays.float().argmax(1) + 1  # per cell, the first inner step of the segment's last run of reached
+        arrival = torch.where(stays.any(1) & arrival.isinf(), clock[:, None] + first, arrival)
+        logits = arrival_logits(out["logits"], x, arrival, grid[0])
+        pending = arrival[x // 16 == 1].isinf()  # (B,): the front has not reached the start (role 1), so the path
+        # from it still follows the model's own moves; --segments auto waits for it
+        return {**out, "logits": logits, "pending": pending,
+                "state": {**out["state"], "arrival_time": arrival, "arrival_clock": clock + reached.shape[1]}}
+
+
 def parse_segments(text):
     """--segments as given: None (unset), "auto", or a count >= 1 as an int; anything else ends in one line (this
     tool's and sample_maze.py's flag)."""
@@ -231,15 +304,17 @@ def get_parser():
     p.add_argument("--out", default=None, help="write the result here as JSON")
     p.add_argument("--latch", action="store_true", help="mazes: a cell keeps its answer once its best move has "
                    "held 3 segments in a row with the cell reached (front head) or sure (Latch, LATCH)")
+    p.add_argument("--arrival", action="store_true", help="mazes, a model trained with --front-every: each cell "
+                   "moves toward the open neighbour its front head read as reached first (Arrival)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it goes to stderr)")
     return p
 
 
 def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, data_dir=None,
           batch_size=64, device="cpu", ablate=None, generator=None, gen_kwargs=None, by_distance=None,
-          data_seed=None, progress=False, symmetries=1, latch=False, plot=False):
+          data_seed=None, progress=False, symmetries=1, latch=False, plot=False, arrival=False):
     """Returns {"checkpoint" (the file scored), "step", "task", "data_seed", "inner_steps", "generator" (mazes: the
-    kind scored, else None), "segments", "symmetries", "latch", "temperature", "ablate", "n_test", **final segment
+    kind scored, else None), "segments", "symmetries", "latch", "arrival", "temperature", "ablate", "n_test", **final segment
     metrics, "per_segment": [...], "routing": last segment's per-step head usage or None, "chance": {...}}; with
     segments="auto" also "segments_used" (mean), "segments_max", "segment_cap" and "segments_per_item", and
     per_segment holds the one set of metrics of the answers where each item stopped; with by_distance (mazes) also
@@ -265,9 +340,21 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
         raise ValueError(f"--symmetries must be 1 to 8, got {symmetries}")
     maze = train.task_kind(task_name) == "maze"
     for flag, given in (("--generator", generator is not None), ("--by-distance", by_distance),
-                        ("--symmetries", symmetries != 1), ("--latch", latch), ("--plot", plot)):
+                        ("--symmetries", symmetries != 1), ("--latch", latch), ("--plot", plot),
+                        ("--arrival", arrival)):
         if given and not maze:  # here, before the scoring, which can take an hour (plot: the caller draws)
             raise ValueError(f"{flag} applies to mazes only; {task_name} is not a maze task")
+    if ablate and model.controller is None:
+        raise ValueError(f"{path} has no router (controller {model.cfg.controller}); nothing to ablate")
+    if arrival and (latch or symmetries > 1):
+        raise ValueError("--arrival reads one view's front head: not with --latch or --symmetries")
+    # the read-outs wrap the model (each refuses what it cannot read), before the mazes are made
+    if symmetries > 1:  # batch_size mazes' views per model call (batch_size // V mazes), not V times as many
+        model, batch_size = SymmetryMean(model, symmetries), max(1, batch_size // symmetries)
+    if latch:
+        model = Latch(model)
+    if arrival:
+        model = Arrival(model)
     n_test = n_test or (config.get("n_test") if same else 1000)  # None: the task's own default, as train.py
     task = data.make_task(task_name, seed=seed, n_train=config.get("n_train") if same else 100,
                           n_val=config.get("n_val") if same else 0, n_test=n_test,
@@ -282,15 +369,9 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
                          f"{model.cfg.n_classes} over {model.cfg.vocab_size} (a sorting model has a fixed length)")
     inner_steps = inner_steps or train.checkpoint_inner_steps(ckpt, model)  # as train.py's test.json was measured
     segments = segments or config["segments"]
-    if ablate and model.controller is None:
-        raise ValueError(f"{path} has no router (controller {model.cfg.controller}); nothing to ablate")
     temperature = train.checkpoint_temperature(ckpt)  # the temperature it trained at when it was saved
     x, y = task.split("test")
     extra = {}
-    if symmetries > 1:  # batch_size mazes' views per model call (batch_size // V mazes), not V times as many
-        model, batch_size = SymmetryMean(model, symmetries), max(1, batch_size // symmetries)
-    if latch:
-        model = Latch(model)
     if segments == "auto":
         if task.grid is None:
             raise ValueError(f"--segments auto sets its cap from the grid, and {task_name} has none; pass a count")
@@ -315,7 +396,8 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
             "inner_steps": inner_steps,
             "generator": (data.generator_name(generator, gen_kwargs) if generator else config.get("mazes", data.GENERATOR))
             if maze else None,
-            "segments": segments, "symmetries": symmetries, "latch": latch, "temperature": temperature,
+            "segments": segments, "symmetries": symmetries, "latch": latch, "arrival": arrival,
+            "temperature": temperature,
             "ablate": ablate,
             "n_test": len(x), **per_seg[-1],
             "per_segment": per_seg, "routing": routing, "chance": chance, **extra}
@@ -342,7 +424,7 @@ def main(argv=None):
                        device=train.pick_device(args.device), ablate=args.ablate_routing, generator=args.generator,
                        gen_kwargs=gen_kwargs or None, by_distance=args.by_distance, data_seed=args.data_seed,
                        progress=not args.no_progress, symmetries=args.symmetries, latch=args.latch,
-                       plot=bool(args.plot))
+                       plot=bool(args.plot), arrival=args.arrival)
     except (FileNotFoundError, ValueError) as exc:  # ValueError: also an argument the generator does not take
         raise SystemExit(f"error: {exc}") from None
     print(f"{result['checkpoint']} (step {result['step']}) on {result['task']}"
@@ -351,6 +433,7 @@ def main(argv=None):
           f"{result['temperature']:.3f}"
           + (f", mean of {args.symmetries} symmetric views" if args.symmetries > 1 else "")
           + (", answers latched" if args.latch else "")
+          + (", read by the front's arrival" if args.arrival else "")
           + (f", routing ablated: {args.ablate_routing}" if args.ablate_routing else ""))
     if result["segments"] == "auto":
         print(f"  segments used: mean {result['segments_used']:.2f}, max {result['segments_max']} "

@@ -21,7 +21,10 @@ head reads the distance as a phase, (cos, sin) of 2 pi d / P: a target of the sa
 Front head (front_weight > 0, mazes): a logit, read off the same state, of whether an answer spreading from the
 goal at train.py's --wave-speed can have reached each cell by the end of the segment; an auxiliary cross-entropy
 only. Its target is 0 or 1 at every maze size and follows a local rule: a cell is reached once an open neighbour is.
-forward returns its probability as "reached" in eval mode (evaluate.py --latch keeps an answer once reached).
+Given one target per inner step (train.py --front-every), the head is scored at every inner step with a gradient, so
+the front must keep its speed step by step, not only on average over a segment. forward returns its probability as
+"reached" in eval mode (evaluate.py --latch keeps an answer once reached), and with front_steps=True that of every
+inner step as "reached_steps" (evaluate.py --arrival walks towards the neighbour the front reached first).
 
 The carried state (h, z_L, z_H) goes in and comes out of forward, detached, so train.py can run several
 segments per batch (HRM-style deep supervision).
@@ -253,18 +256,20 @@ class PoHModel(nn.Module):
         return state
 
     def forward(self, x, y=None, state=None, temperature=1.0, entropy_weight=0.0, balance_weight=0.0, grid=None,
-                n_steps=None, trace=False, ablate=None, ablate_gen=None, dist=None, front=None):
+                n_steps=None, trace=False, ablate=None, ablate_gen=None, dist=None, front=None, front_steps=False):
         """x (B, N) tokens, y (B, N) labels or None; grid (h, w) with h*w = N, default (1, N); dist (B, N) each
         cell's distance to the goal (data.goal_distance), the target of the distance head (with dist_weight);
-        front (B, N) 1 where the goal's answer can have reached a cell, 0 where not, -1 unknown (front_weight).
+        front (B, N) 1 where the goal's answer can have reached a cell by the last inner step, 0 where not, -1 unknown
+        (front_weight); or (R, B, N), the same at the end of each inner step, scored at every step with a gradient.
         balance_weight: weight of the load-balancing term (hrm_controller.balance_loss); ablate: None or one of
         hrm_controller.ABLATIONS, to replace the router's alpha at evaluation (random draws from ablate_gen).
         Returns a dict: logits (B, N, C) (the halted step's with pondering, else the last step's), loss (a tensor,
         or None without y), parts (task, entropy, balance, ponder tensors; expected_steps; steps_used; in eval
         mode for routed models, usage (R, H) and modal_share (R,) from hrm_controller.routing_stats), state
         (detached), reached (B, N): the front head's P(reached) read off the returned state (the last step's, also
-        with pondering), in eval mode only, else None, and with trace=True a list with per-step alpha, p, z_L, z_H,
-        h_update, logits."""
+        with pondering), in eval mode only, else None; with front_steps=True (eval mode, a front head) also
+        reached_steps (B, R, N), that read after every inner step; with trace=True a list with per-step alpha, p,
+        z_L, z_H, h_update, logits."""
         cfg = self.cfg
         B, N = x.shape[:2]
         R = n_steps or cfg.R
@@ -287,7 +292,11 @@ class PoHModel(nn.Module):
         first_grad = R - min(cfg.grad_steps, R) if cfg.grad == "tbptt" else 0
         supervised = supervised_steps(R, cfg.supervise)
         task_terms, entropies, balances, lambdas, step_losses, step_logits, steps = [], [], [], [], [], [], []
-        dist_terms, front_terms = [], []
+        dist_terms, front_terms, front_reads = [], [], []
+        if front is not None and front.dim() == 3 and len(front) != R:
+            raise ValueError(f"a front target per inner step needs {R} of them, got {len(front)}")
+        front_every = front is not None and front.dim() == 3  # the head scored at every step with a gradient
+        read_steps = front_steps and self.front_head is not None and not self.training
         usage, modal = [], []
         for t in range(R):
             with torch.set_grad_enabled(torch.is_grad_enabled() and t >= first_grad):
@@ -311,7 +320,9 @@ class PoHModel(nn.Module):
                     h = block(h, alpha, rope, mask)
                 scored = y is not None and t in supervised and t >= first_grad  # this step's answer gets the loss
                 # the output layer only where its answer is used (the biaffine parser's is a large part of a step)
-                if self.halt is not None or trace or t == R - 1 or scored:
+                front_scored = self.front_head is not None and front is not None and (
+                    t >= first_grad if front_every else scored)
+                if self.halt is not None or trace or t == R - 1 or scored or front_scored or read_steps:
                     out = self.norm_out(h)
                     logits = self.head(out) if cfg.output == "classes" else self.head(out, pad)
                 if p is not None and t >= first_grad:
@@ -331,10 +342,13 @@ class PoHModel(nn.Module):
                     pred = self.dist_head(out).float()
                     dist_terms.append(distance_loss(pred if cfg.dist_period else pred.squeeze(-1), dist,
                                                     cfg.dist_period))
-                if scored and self.front_head is not None and front is not None:
-                    known = front >= 0
+                if front_scored:
+                    target = front[t] if front_every else front
+                    known = target >= 0
                     logit = self.front_head(out).squeeze(-1).float()
-                    front_terms.append(F.binary_cross_entropy_with_logits(logit[known], front[known].float()))
+                    front_terms.append(F.binary_cross_entropy_with_logits(logit[known], target[known].float()))
+                if read_steps:
+                    front_reads.append(torch.sigmoid(self.front_head(out).squeeze(-1).float()))
             if trace:
                 detach = lambda v: v if v is None else v.detach()  # a trace is for reading: no graph kept
                 steps.append({"alpha": detach(alpha), "p": detach(p), "h_update": detach(h_update),
@@ -381,7 +395,10 @@ class PoHModel(nn.Module):
         out_state = {"h": h.detach().float(), **{k: v.detach().float() for k, v in ctrl.items()}}
         # only where it is read (evaluate.py --latch), not on the training path
         reached = self.reached(out_state["h"]) if self.front_head is not None and not self.training else None
-        return {"logits": logits, "loss": loss, "parts": parts, "state": out_state, "trace": steps, "reached": reached}
+        result = {"logits": logits, "loss": loss, "parts": parts, "state": out_state, "trace": steps, "reached": reached}
+        if read_steps:
+            result["reached_steps"] = torch.stack(front_reads, 1)  # (B, R, N)
+        return result
 
     @torch.no_grad()
     def reached(self, h):

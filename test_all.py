@@ -4294,3 +4294,105 @@ def test_the_front_target_marks_the_cells_an_answer_from_the_goal_can_have_reach
         with pytest.raises(SystemExit):
             train.main(tiny_run_args(tmp_path, "maze5", *flags))
         assert message in capsys.readouterr().err
+
+
+def test_front_every_targets_each_inner_step_and_scores_the_head_at_each_with_a_gradient(tmp_path):
+    """--front-every: the carried target is (R, B, N), step t's the front by the end of inner step t, the last the
+    segment's; the model's front term is the mean over the steps of the head's cross-entropy at each, and a target
+    at an early step alone moves the head's gradient."""
+    args = train.resolve_args(tiny_run_args(tmp_path, "maze5", "--wave-speed", "1", "--front-weight", "0.2",
+                                            "--front-speed", "0.5", "--front-every", "--batch-size", "6", "--grad-steps", "2",
+                                            "--segments", "3", "--batching", "rolling"))
+    task = data.make_task("maze5", n_train=60, n_val=0, n_test=0, cache_dir=str(tmp_path / "cache"), progress=False)
+    model, carry = PoHModel(train.model_config(args, task), verbose=False), train.Carry(args, task, torch.Generator())
+    x, y, state = carry.next(model, 0, "cpu")
+    dist, fronts = data.goal_distance(x, (5, 5)), carry.front()
+    assert fronts.shape == (2, *x.shape) and carry.age.unique().numel() > 1  # R = 2; slots of different ages
+    for t in range(2):  # 0.5 cells per inner step, counted over the segments this slot has run
+        reach = 0.5 * (2 * carry.age + t + 1)
+        assert torch.equal(fronts[t] == 1, (dist >= 0) & (dist <= reach[:, None])), t
+        assert torch.equal(fronts[t] == -1, dist < 0), t
+    carry.args.front_every = False
+    assert torch.equal(carry.front(), fronts[-1])
+    out = model(x, carry.reached(y), state=state, grid=(5, 5), front=fronts)
+    # the per-step reads of the eval path (the last one the segment's "reached"); the loss is their mean BCE (the
+    # gradient runs through both inner steps here, --grad-steps 2)
+    model.eval()
+    reads = model(x, state=state, grid=(5, 5), front_steps=True)["reached_steps"]
+    assert reads.shape == (x.shape[0], 2, 25)
+    torch.testing.assert_close(reads[:, -1], model(x, state=state, grid=(5, 5))["reached"])
+    expected = torch.stack([F.binary_cross_entropy(reads[:, t][fronts[t] >= 0], fronts[t][fronts[t] >= 0].float())
+                            for t in range(2)]).mean()
+    model.train()
+    torch.testing.assert_close(out["parts"]["front"], expected, rtol=1e-5, atol=1e-6)
+    # a target that differs only at inner step 0 changes the gradient: step 0 is scored, not just the last
+    grads = []
+    for first in (fronts[0], 1 - fronts[0].clamp(min=0)):
+        model.zero_grad()
+        model(x, carry.reached(y), state=state, grid=(5, 5), front=torch.stack([first, fronts[1]]))["loss"].backward()
+        grads.append(model.front_head.weight.grad.clone())
+    assert (grads[0] - grads[1]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="needs 2 of them"):
+        model(x, carry.reached(y), state=state, grid=(5, 5), front=fronts[:1])
+
+
+def test_arrival_walks_toward_the_neighbour_reached_first_whatever_the_model_says():
+    """arrival_logits on the loop maze: the model points along the rival route (4 moves); with arrivals in the order
+    of the distances the walk takes the 2-move route; a cell with no reached neighbour keeps the model's move; where
+    two neighbours arrived at once the model's own scores choose; the goal keeps its class; walls never win."""
+    o, start, goal = loop_maze()
+    rival = [(1, 0), (1, 1), (1, 2), (0, 2), (0, 1)]
+    x = torch.from_numpy(data.encode(o, start, goal))[None]
+    logits = torch.from_numpy(scores_along(rival, 3))[None] * 5
+    dist = torch.from_numpy(data.bfs_distances(o, goal)).flatten().float()[None]
+    arrival = torch.where(dist >= 0, dist + 7, torch.inf)  # any start: only the order counts
+    read = evaluate.arrival_logits(logits, x, arrival, 3)
+    shortest = [(1, 0), (0, 0), (0, 1)]
+    assert data.rollout(read[0].numpy(), o, start, goal) == shortest
+    assert data.rollout(logits[0].numpy(), o, start, goal) == rival
+    assert read[0, 1].argmax().item() == data.GOAL_CLASS
+    assert read[0, 4].argmax().item() == data.MOVES.index((0, 1))  # (1, 1): (1, 0) and (1, 2) tie; the model says E
+    tie = logits.clone()
+    tie[0, 4] = torch.tensor([0.0, 0.0, 0.0, 5.0, 0.0])  # now the model says W at (1, 1): the tie goes W
+    assert evaluate.arrival_logits(tie, x, arrival, 3)[0, 4].argmax().item() == data.MOVES.index((0, -1))
+    # only the goal and its two neighbours reached: (1, 0) goes north to (0, 0); (1, 1) keeps the model's E
+    partial = torch.where(dist <= 1, arrival, torch.inf)
+    read = evaluate.arrival_logits(logits, x, partial, 3)
+    assert read[0, 3].argmax().item() == data.MOVES.index((-1, 0))
+    torch.testing.assert_close(read[0, 4], logits[0, 4].log_softmax(-1))
+    # (2, 0), below the unreached (1, 0), has a wall east of it: an arrival behind the wall, at (2, 1), does not count
+    behind = partial.clone()
+    behind[0, 7] = 0.0
+    torch.testing.assert_close(evaluate.arrival_logits(logits, x, behind, 3)[0, 6], logits[0, 6].log_softmax(-1))
+
+
+def test_arrival_keeps_each_cells_first_reached_inner_step_over_segments(maze_run, tmp_path):
+    """Arrival counts inner steps over the segments: a cell read as reached from inner step t of segment s to the
+    segment's end arrives at s * R + t + 1 and keeps it when later reads fall; a read that falls within its segment
+    is no arrival; a model without a front head and --arrival with
+    --latch or views are refused before any maze is made."""
+    reads = [torch.tensor([[[0.9, 0.1, 0.1, 0.9], [0.9, 0.6, 0.1, 0.1]]]),  # segment 1, inner steps 1-2, 4 cells
+             torch.tensor([[[0.2, 0.7, 0.1, 0.6], [0.2, 0.7, 0.8, 0.7]]])]
+    # cell 0 arrives at 1 and keeps it when its reads fall; 1 at 2; 2 at 4; 3's read at step 1 falls within its
+    # segment (no arrival), then it holds from step 3
+
+    class Scripted(nn.Module):
+        cfg, front_head = None, nn.Identity()
+
+        def forward(self, x, state=None, front_steps=False, **kw):
+            s = 0 if state is None else int(state["h"][0]) + 1
+            assert front_steps
+            return {"logits": torch.zeros(len(x), 4, 5), "reached_steps": reads[s],
+                    "state": {"h": torch.full((len(x),), float(s))}}
+
+    read, state = evaluate.Arrival(Scripted()), None
+    for _ in reads:
+        out = read(torch.zeros(1, 4, dtype=torch.long), state=state, grid=(1, 4))
+        state = out["state"]
+    assert state["arrival_time"].tolist() == [[1.0, 2.0, 4.0, 3.0]] and state["arrival_clock"].tolist() == [4.0]
+    with pytest.raises(ValueError, match="no front head|has none"):
+        evaluate.Arrival(tiny_maze_model("hrm", R=2))
+    for extra, message in ((["--arrival"], "has none"), (["--arrival", "--latch"], "not with --latch")):
+        with pytest.raises(SystemExit, match=message):
+            evaluate.main([str(maze_run), "--n-test", "8", "--task", "maze8", "--data-dir", str(tmp_path), *extra])
+        assert not any(tmp_path.iterdir())  # refused before any maze was made

@@ -173,6 +173,8 @@ def add_run_flags(p):
                    "auxiliary target, whether that spreading answer can have reached each cell (cross-entropy)")
     g.add_argument("--front-speed", type=float, default=None, help="with --front-weight: the speed, in cells per "
                    "inner step, of the front the head reads (default: --wave-speed's)")
+    g.add_argument("--front-every", action="store_true", help="with --front-weight: score the front head at every "
+                   "inner step, against the front at that step, not only at the segment's end")
     g.add_argument("--wave-speed", type=float, default=None, help="mazes: > 0 scores a cell's move only once an "
                    "answer spreading from the goal at this many cells per inner step could have reached it, so far "
                    "cells are not pushed to guess early (0: every cell at every segment; default: the task's)")
@@ -258,6 +260,7 @@ def resolve_args(argv=None):
                      "--front-weight needs --wave-speed > 0 and --supervise last"),
                     (args.front_speed is None or args.front_weight > 0 and args.front_speed > 0,
                      "--front-speed needs --front-weight > 0, and must be > 0"),
+                    (not args.front_every or args.front_weight > 0, "--front-every needs --front-weight > 0"),
                     (task_kind(args.task) == "maze" or args.wave_speed == 0, "--wave-speed is for mazes only"),
                     (task_kind(args.task) == "maze" or args.attn != "open",
                      "--attn open is for mazes only (it reads walls off the tokens)"),
@@ -566,19 +569,23 @@ class Carry:
         mask); None without either. Derived from x, so never saved."""
         return goal_distance(x, self.task.grid) if self.args.dist_weight or self.args.wave_speed else None
 
-    def wave(self, speed):
+    def wave(self, speed, step=None):
         """(B, N) True where an answer spreading from the goal at speed cells per inner step can have reached a cell
-        by the end of this segment (age + 1 segments of R inner steps): what --wave-speed scores and --front-weight
-        reads (at --front-speed)."""
-        reach = speed * self.args.R * (self.age[self.lo:self.hi] + 1).to(self.dist.device)  # (B,)
-        return self.dist <= reach[:, None]
+        by the end of this segment (age + 1 segments of R inner steps), or with step t by the end of its inner step t:
+        what --wave-speed scores and --front-weight reads (at --front-speed)."""
+        steps = self.args.R * self.age[self.lo:self.hi] + (self.args.R if step is None else step + 1)  # (B,)
+        return self.dist <= speed * steps.to(self.dist.device)[:, None]
 
     def front(self):
         """--front-weight: the target of the front head, 1 where a wave at --front-speed (default: --wave-speed) has
-        reached a cell, 0 where not, -1 where the goal cannot be reached."""
+        reached a cell, 0 where not, -1 where the goal cannot be reached: (B, N) at the segment's end, or with
+        --front-every (R, B, N), one per inner step."""
         if not self.args.front_weight:
             return None
-        return torch.where(self.dist < 0, -1, self.wave(self.args.front_speed).long())
+        at = lambda step: torch.where(self.dist < 0, -1, self.wave(self.args.front_speed, step).long())
+        if self.args.front_every:
+            return torch.stack([at(t) for t in range(self.args.R)])
+        return at(None)
 
     def reached(self, y):
         """--wave-speed: y with the cells the wave has not reached set to IGNORE, so they get no loss yet."""
