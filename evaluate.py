@@ -199,13 +199,12 @@ BONUS = 1e4  # --arrival: added to the log-probability of the moves toward the f
 
 @functools.lru_cache(maxsize=16)
 def neighbour_table(n):
-    """For an n x n grid: each cell's neighbour in each direction of data.MOVES, (N, 4) indices, and whether it
-    lies inside the grid, (N, 4)."""
+    """For an n x n grid: each cell's neighbour in each direction of data.MOVES, (N, 4) indices (0 off the grid,
+    where a maze's border wall keeps it from being read)."""
     r, c = torch.arange(n * n) // n, torch.arange(n * n) % n
     nr = r[:, None] + torch.tensor([dr for dr, _ in data.MOVES])
     nc = c[:, None] + torch.tensor([dc for _, dc in data.MOVES])
-    inside = (nr >= 0) & (nr < n) & (nc >= 0) & (nc < n)
-    return torch.where(inside, nr * n + nc, 0), inside
+    return torch.where((nr >= 0) & (nr < n) & (nc >= 0) & (nc < n), nr * n + nc, 0)
 
 
 def arrival_logits(logits, x, arrival, n):
@@ -213,8 +212,8 @@ def arrival_logits(logits, x, arrival, n):
     moves toward the open neighbour with the earliest arrival get BONUS, so they win over any other class and, where
     several neighbours arrived at once, the model's own scores choose among them. A cell with no reached open
     neighbour keeps the model's answer. Returns log-probabilities plus the bonus."""
-    index, inside = (t.to(x.device) for t in neighbour_table(n))
-    opened = ((x[..., None] >> torch.arange(4, device=x.device)) & 1).bool() & inside  # (B, N, 4)
+    index = neighbour_table(n).to(x.device)
+    opened = ((x[..., None] >> torch.arange(4, device=x.device)) & 1).bool()  # (B, N, 4): the open sides
     around = torch.where(opened, arrival[:, index], torch.inf)  # (B, N, 4): each open neighbour's arrival
     earliest = around.amin(-1, keepdim=True)
     first = (around == earliest) & earliest.isfinite() & (x // 16 != 2)[..., None]  # role 2: the goal (data.encode)

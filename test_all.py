@@ -4366,6 +4366,30 @@ def test_arrival_walks_toward_the_neighbour_reached_first_whatever_the_model_say
     torch.testing.assert_close(evaluate.arrival_logits(logits, x, behind, 3)[0, 6], logits[0, 6].log_softmax(-1))
 
 
+def test_segments_auto_with_arrival_waits_until_the_front_reaches_the_start():
+    """A maze read by arrival is pending until the front reaches its start: with a model whose moves never change,
+    --segments auto runs on until the start arrives (segment 5) and the answer then holds (patience 2), not 3."""
+    o, start, goal = loop_maze()
+    x = torch.from_numpy(data.encode(o, start, goal))[None]
+    logits = torch.from_numpy(scores_along([(1, 0), (1, 1), (1, 2), (0, 2), (0, 1)], 3))[None] * 5
+    dist = torch.from_numpy(data.bfs_distances(o, goal)).flatten()
+
+    class Front(nn.Module):  # one inner step per segment; the front reaches distance d at segment 2d + 1
+        cfg, front_head = None, nn.Identity()
+
+        def forward(self, x, state=None, **kw):
+            s = 1 if state is None else int(state["h"][0]) + 1
+            reads = ((dist >= 0) & (2 * dist + 1 <= s)).float()
+            return {"logits": logits.expand(len(x), -1, -1), "reached_steps": reads.expand(len(x), 1, -1),
+                    "state": {"h": torch.full((len(x),), float(s))}}
+
+    task = type("T", (), {"grid": (3, 3)})
+    kw = dict(n_steps=1, temperature=1.0, cap=20, patience=2)
+    answer, used = evaluate.run_adaptive(evaluate.Arrival(Front()), task, x, **kw)
+    assert used.tolist() == [7]  # the start (2 moves away) arrives at segment 5, then 6 and 7 repeat its answer
+    assert data.rollout(answer[0].numpy(), o, start, goal) == [(1, 0), (0, 0), (0, 1)]
+
+
 def test_arrival_keeps_each_cells_first_reached_inner_step_over_segments(maze_run, tmp_path):
     """Arrival counts inner steps over the segments: a cell read as reached from inner step t of segment s to the
     segment's end arrives at s * R + t + 1 and keeps it when later reads fall; a read that falls within its segment
