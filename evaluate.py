@@ -193,8 +193,8 @@ class Latch(Scoring):
         return {**out, "logits": torch.where(locked[..., None], kept, logits), "state": {**out["state"], **memory}}
 
 
-ARRIVAL_GATE = 0.5  # --arrival: a cell counts as reached at the first inner step with P(reached) >= this
-BONUS = 1e4  # --arrival: added to the log-probability of the moves toward the first-reached neighbour (any log-p)
+ARRIVAL_GATE = 0.5  # --arrival: a cell arrives at the first inner step from which P(reached) >= this to its segment's end
+BONUS = 1e3  # --arrival: added to the log-probability of the moves toward the first-reached neighbour (any log-p)
 
 
 @functools.lru_cache(maxsize=16)
@@ -226,19 +226,23 @@ class Arrival(Scoring):
     cell's arrival is the first inner step, counted over the segments, from which the head's P(reached) >= gate
     holds to the end of its segment (once set, it is kept), and
     its answer is the move toward the open neighbour that arrived first (arrival_logits). If the head's front moves
-    at a constant speed, arrivals order cells by their distance to the goal, and the greedy walk from the start
-    follows a shortest path, however long the routes that race to a cell. Until the front reaches the start, an item
+    at a constant speed of at most 2 cells per inner step (so that a nearer and a farther neighbour never arrive at
+    the same step), arrivals order cells by their distance to the goal, and the greedy walk from the start follows a
+    shortest path, however long the routes that race to a cell. A maze the front never reaches runs to the cap. Until the front reaches the start, an item
     is "pending" (run_adaptive waits). Arrivals ride in the carried state (keys
     "arrival_*", batch first), so run_adaptive drops a stopped maze's with the rest of its state."""
 
     def __init__(self, model, gate=ARRIVAL_GATE):
         super().__init__(model)
         if getattr(model, "front_head", None) is None:
-            raise ValueError("--arrival reads the front head; this model has none (train.py --front-weight)")
+            raise ValueError("--arrival reads the front head; this model has none (train.py --front-weight "
+                             "--front-every)")
         self.gate = gate
 
     def forward(self, x, state=None, grid=None, **kwargs):
         self.refuse_training_inputs(kwargs)
+        if grid[0] != grid[1]:
+            raise ValueError(f"--arrival reads square mazes, got a {grid[0]}x{grid[1]} grid")
         state = dict(state or {})
         arrival, clock = state.pop("arrival_time", None), state.pop("arrival_clock", None)
         out = self.model(x, state=state or None, grid=grid, front_steps=True, **kwargs)
@@ -252,8 +256,9 @@ class Arrival(Scoring):
         first = stays.float().argmax(1) + 1  # per cell, the first inner step of the segment's last run of reached
         arrival = torch.where(stays.any(1) & arrival.isinf(), clock[:, None] + first, arrival)
         logits = arrival_logits(out["logits"], x, arrival, grid[0])
-        pending = arrival[x // 16 == 1].isinf()  # (B,): the front has not reached the start (role 1), so the path
-        # from it still follows the model's own moves; --segments auto waits for it
+        # (B,): the front has not reached the start (role 1), so the path from it still follows the model's own
+        # moves; --segments auto waits for it
+        pending = ((x // 16 == 1) & arrival.isinf()).any(1)
         return {**out, "logits": logits, "pending": pending,
                 "state": {**out["state"], "arrival_time": arrival, "arrival_clock": clock + reached.shape[1]}}
 
@@ -347,6 +352,9 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
         raise ValueError(f"{path} has no router (controller {model.cfg.controller}); nothing to ablate")
     if arrival and (latch or symmetries > 1):
         raise ValueError("--arrival reads one view's front head: not with --latch or --symmetries")
+    if arrival and not config.get("front_every"):
+        raise ValueError(f"--arrival reads the front head at every inner step; {path} was not trained with "
+                         "--front-every")
     # the read-outs wrap the model (each refuses what it cannot read), before the mazes are made
     if symmetries > 1:  # batch_size mazes' views per model call (batch_size // V mazes), not V times as many
         model, batch_size = SymmetryMean(model, symmetries), max(1, batch_size // symmetries)

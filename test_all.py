@@ -4368,9 +4368,10 @@ def test_arrival_walks_toward_the_neighbour_reached_first_whatever_the_model_say
 
 def test_segments_auto_with_arrival_waits_until_the_front_reaches_the_start():
     """A maze read by arrival is pending until the front reaches its start: with a model whose moves never change,
-    --segments auto runs on until the start arrives (segment 5) and the answer then holds (patience 2), not 3."""
+    --segments auto runs on until the start arrives and the answer then holds (patience 2): the start 2 moves away
+    arrives at segment 5 and stops at 7, not 3; beside it in the batch a start 3 moves away arrives at 7, stops at 9."""
     o, start, goal = loop_maze()
-    x = torch.from_numpy(data.encode(o, start, goal))[None]
+    x = torch.from_numpy(np.stack([data.encode(o, start, goal), data.encode(o, (1, 1), goal)]))
     logits = torch.from_numpy(scores_along([(1, 0), (1, 1), (1, 2), (0, 2), (0, 1)], 3))[None] * 5
     dist = torch.from_numpy(data.bfs_distances(o, goal)).flatten()
 
@@ -4386,8 +4387,9 @@ def test_segments_auto_with_arrival_waits_until_the_front_reaches_the_start():
     task = type("T", (), {"grid": (3, 3)})
     kw = dict(n_steps=1, temperature=1.0, cap=20, patience=2)
     answer, used = evaluate.run_adaptive(evaluate.Arrival(Front()), task, x, **kw)
-    assert used.tolist() == [7]  # the start (2 moves away) arrives at segment 5, then 6 and 7 repeat its answer
+    assert used.tolist() == [7, 9]  # each start's arrival, then 2 segments that repeat the answer
     assert data.rollout(answer[0].numpy(), o, start, goal) == [(1, 0), (0, 0), (0, 1)]
+    assert len(data.rollout(answer[1].numpy(), o, (1, 1), goal)) == 4  # 3 moves: either way round is shortest
 
 
 def test_arrival_keeps_each_cells_first_reached_inner_step_over_segments(maze_run, tmp_path):
@@ -4411,12 +4413,12 @@ def test_arrival_keeps_each_cells_first_reached_inner_step_over_segments(maze_ru
 
     read, state = evaluate.Arrival(Scripted()), None
     for _ in reads:
-        out = read(torch.zeros(1, 4, dtype=torch.long), state=state, grid=(1, 4))
+        out = read(torch.zeros(1, 4, dtype=torch.long), state=state, grid=(2, 2))
         state = out["state"]
     assert state["arrival_time"].tolist() == [[1.0, 2.0, 4.0, 3.0]] and state["arrival_clock"].tolist() == [4.0]
     with pytest.raises(ValueError, match="no front head|has none"):
         evaluate.Arrival(tiny_maze_model("hrm", R=2))
-    for extra, message in ((["--arrival"], "has none"), (["--arrival", "--latch"], "not with --latch")):
+    for extra, message in ((["--arrival"], "not trained with --front-every"), (["--arrival", "--latch"], "not with --latch")):
         with pytest.raises(SystemExit, match=message):
             evaluate.main([str(maze_run), "--n-test", "8", "--task", "maze8", "--data-dir", str(tmp_path), *extra])
         assert not any(tmp_path.iterdir())  # refused before any maze was made

@@ -174,7 +174,8 @@ def add_run_flags(p):
     g.add_argument("--front-speed", type=float, default=None, help="with --front-weight: the speed, in cells per "
                    "inner step, of the front the head reads (default: --wave-speed's)")
     g.add_argument("--front-every", action="store_true", help="with --front-weight: score the front head at every "
-                   "inner step, against the front at that step, not only at the segment's end")
+                   "inner step with a gradient (with --grad tbptt, the last --grad-steps), against the front at "
+                   "that step, not only at the segment's end")
     g.add_argument("--wave-speed", type=float, default=None, help="mazes: > 0 scores a cell's move only once an "
                    "answer spreading from the goal at this many cells per inner step could have reached it, so far "
                    "cells are not pushed to guess early (0: every cell at every segment; default: the task's)")
