@@ -34,7 +34,6 @@ BFS distances would, and falls back to the model's move where no neighbour has b
 
 import argparse
 import json
-import functools
 import math
 
 import torch
@@ -42,6 +41,7 @@ import torch
 import data
 import train
 from hrm_controller import ABLATIONS
+from poh_block import open_neighbours, shifted
 
 PATIENCE = 3  # --segments auto: an item stops when PATIENCE segments in a row repeat the answer before them
 # --latch (Latch), gate and hold: a cell keeps its answer once its best move has been the same in `hold` segments in
@@ -193,28 +193,20 @@ class Latch(Scoring):
         return {**out, "logits": torch.where(locked[..., None], kept, logits), "state": {**out["state"], **memory}}
 
 
-ARRIVAL_GATE = 0.5  # --arrival: a cell arrives at the first inner step from which P(reached) >= this to its segment's end
-BONUS = 1e3  # --arrival: added to the log-probability of the moves toward the first-reached neighbour (any log-p)
+# --arrival: a cell arrives at the first inner step from which P(reached) >= ARRIVAL_GATE to its segment's end; BONUS
+# is added to the log-probability of the moves toward the first-reached neighbour (above any log-probability)
+ARRIVAL_GATE, BONUS = 0.5, 1e3
 
 
-@functools.lru_cache(maxsize=16)
-def neighbour_table(n):
-    """For an n x n grid: each cell's neighbour in each direction of data.MOVES, (N, 4) indices (0 off the grid,
-    where a maze's border wall keeps it from being read)."""
-    r, c = torch.arange(n * n) // n, torch.arange(n * n) % n
-    nr = r[:, None] + torch.tensor([dr for dr, _ in data.MOVES])
-    nc = c[:, None] + torch.tensor([dc for _, dc in data.MOVES])
-    return torch.where((nr >= 0) & (nr < n) & (nc >= 0) & (nc < n), nr * n + nc, 0)
-
-
-def arrival_logits(logits, x, arrival, n):
+def arrival_logits(logits, x, arrival, grid):
     """Maze logits (B, N, 5) re-read by arrival times (B, N) (inf: not yet reached): at every cell but the goal, the
     moves toward the open neighbour with the earliest arrival get BONUS, so they win over any other class and, where
     several neighbours arrived at once, the model's own scores choose among them. A cell with no reached open
-    neighbour keeps the model's answer. Returns log-probabilities plus the bonus."""
-    index = neighbour_table(n).to(x.device)
-    opened = ((x[..., None] >> torch.arange(4, device=x.device)) & 1).bool()  # (B, N, 4): the open sides
-    around = torch.where(opened, arrival[:, index], torch.inf)  # (B, N, 4): each open neighbour's arrival
+    neighbour keeps the model's answer. Returns log-probabilities plus the bonus. The neighbours are read as the
+    gathered attention reads them (poh_block.open_neighbours, shifted)."""
+    opened = open_neighbours(x, grid)[1][..., 1:]  # (B, N, 4): the open sides N, E, S, W
+    views = shifted(arrival[:, None, :, None], grid)[1:]  # each neighbour's arrival, 4 x (B, 1, h, w, 1)
+    around = torch.where(opened, torch.stack([v.reshape(arrival.shape) for v in views], -1), torch.inf)
     earliest = around.amin(-1, keepdim=True)
     first = (around == earliest) & earliest.isfinite() & (x // 16 != 2)[..., None]  # role 2: the goal (data.encode)
     logp = logits.float().log_softmax(-1)
@@ -224,13 +216,13 @@ def arrival_logits(logits, x, arrival, n):
 class Arrival(Scoring):
     """A maze model with a front head trained at every inner step (train.py --front-every), read by arrival: a
     cell's arrival is the first inner step, counted over the segments, from which the head's P(reached) >= gate
-    holds to the end of its segment (once set, it is kept), and
-    its answer is the move toward the open neighbour that arrived first (arrival_logits). If the head's front moves
-    at a constant speed of at most 2 cells per inner step (so that a nearer and a farther neighbour never arrive at
-    the same step), arrivals order cells by their distance to the goal, and the greedy walk from the start follows a
-    shortest path, however long the routes that race to a cell. A maze the front never reaches runs to the cap. Until the front reaches the start, an item
-    is "pending" (run_adaptive waits). Arrivals ride in the carried state (keys
-    "arrival_*", batch first), so run_adaptive drops a stopped maze's with the rest of its state."""
+    holds to the end of its segment (once set, it is kept), and its answer is the move toward the open neighbour
+    that arrived first (arrival_logits). If the head's front moves at a constant speed of at most 2 cells per inner
+    step (so that a nearer and a farther neighbour never arrive at the same step), arrivals order cells by their
+    distance to the goal, and the greedy walk from the start follows a shortest path, however long the routes that
+    race to a cell. Until the front reaches the start, an item is "pending" (run_adaptive waits; a maze the front
+    never reaches runs to the cap). Arrivals ride in the carried state (keys "arrival_*", batch first), so
+    run_adaptive drops a stopped maze's with the rest of its state."""
 
     def __init__(self, model, gate=ARRIVAL_GATE):
         super().__init__(model)
@@ -255,7 +247,7 @@ class Arrival(Scoring):
             clock = torch.zeros(len(x), device=x.device)
         first = stays.float().argmax(1) + 1  # per cell, the first inner step of the segment's last run of reached
         arrival = torch.where(stays.any(1) & arrival.isinf(), clock[:, None] + first, arrival)
-        logits = arrival_logits(out["logits"], x, arrival, grid[0])
+        logits = arrival_logits(out["logits"], x, arrival, grid)
         # (B,): the front has not reached the start (role 1), so the path from it still follows the model's own
         # moves; --segments auto waits for it
         pending = ((x // 16 == 1) & arrival.isinf()).any(1)
@@ -318,9 +310,9 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
           batch_size=64, device="cpu", ablate=None, generator=None, gen_kwargs=None, by_distance=None,
           data_seed=None, progress=False, symmetries=1, latch=False, plot=False, arrival=False):
     """Returns {"checkpoint" (the file scored), "step", "task", "data_seed", "inner_steps", "generator" (mazes: the
-    kind scored, else None), "segments", "symmetries", "latch", "arrival", "temperature", "ablate", "n_test", **final segment
-    metrics, "per_segment": [...], "routing": last segment's per-step head usage or None, "chance": {...}}; with
-    segments="auto" also "segments_used" (mean), "segments_max", "segment_cap" and "segments_per_item", and
+    kind scored, else None), "segments", "symmetries", "latch", "arrival", "temperature", "ablate", "n_test",
+    **final segment metrics, "per_segment": [...], "routing": last segment's per-step head usage or None,
+    "chance": {...}}; with segments="auto" also "segments_used" (mean), "segments_max", "segment_cap" and "segments_per_item", and
     per_segment holds the one set of metrics of the answers where each item stopped; with by_distance (mazes) also
     "by_distance", data.accuracy_by_distance of the answers (the last segment's, or where each item stopped)."""
     path = train.checkpoint_file(path)

@@ -342,13 +342,14 @@ class PoHModel(nn.Module):
                     pred = self.dist_head(out).float()
                     dist_terms.append(distance_loss(pred if cfg.dist_period else pred.squeeze(-1), dist,
                                                     cfg.dist_period))
+                if front_scored or read_steps:
+                    logit = self.front_head(out).squeeze(-1).float()
                 if front_scored:
                     target = front[t] if front_every else front
                     known = target >= 0
-                    logit = self.front_head(out).squeeze(-1).float()
                     front_terms.append(F.binary_cross_entropy_with_logits(logit[known], target[known].float()))
                 if read_steps:
-                    front_reads.append(torch.sigmoid(self.front_head(out).squeeze(-1).float()))
+                    front_reads.append(torch.sigmoid(logit))
             if trace:
                 detach = lambda v: v if v is None else v.detach()  # a trace is for reading: no graph kept
                 steps.append({"alpha": detach(alpha), "p": detach(p), "h_update": detach(h_update),

@@ -4301,8 +4301,8 @@ def test_front_every_targets_each_inner_step_and_scores_the_head_at_each_with_a_
     segment's; the model's front term is the mean over the steps of the head's cross-entropy at each, and a target
     at an early step alone moves the head's gradient."""
     args = train.resolve_args(tiny_run_args(tmp_path, "maze5", "--wave-speed", "1", "--front-weight", "0.2",
-                                            "--front-speed", "0.5", "--front-every", "--batch-size", "6", "--grad-steps", "2",
-                                            "--segments", "3", "--batching", "rolling"))
+                                            "--front-speed", "0.5", "--front-every", "--batch-size", "6",
+                                            "--grad-steps", "2", "--segments", "3", "--batching", "rolling"))
     task = data.make_task("maze5", n_train=60, n_val=0, n_test=0, cache_dir=str(tmp_path / "cache"), progress=False)
     model, carry = PoHModel(train.model_config(args, task), verbose=False), train.Carry(args, task, torch.Generator())
     x, y, state = carry.next(model, 0, "cpu")
@@ -4346,7 +4346,7 @@ def test_arrival_walks_toward_the_neighbour_reached_first_whatever_the_model_say
     logits = torch.from_numpy(scores_along(rival, 3))[None] * 5
     dist = torch.from_numpy(data.bfs_distances(o, goal)).flatten().float()[None]
     arrival = torch.where(dist >= 0, dist + 7, torch.inf)  # any start: only the order counts
-    read = evaluate.arrival_logits(logits, x, arrival, 3)
+    read = evaluate.arrival_logits(logits, x, arrival, (3, 3))
     shortest = [(1, 0), (0, 0), (0, 1)]
     assert data.rollout(read[0].numpy(), o, start, goal) == shortest
     assert data.rollout(logits[0].numpy(), o, start, goal) == rival
@@ -4354,16 +4354,17 @@ def test_arrival_walks_toward_the_neighbour_reached_first_whatever_the_model_say
     assert read[0, 4].argmax().item() == data.MOVES.index((0, 1))  # (1, 1): (1, 0) and (1, 2) tie; the model says E
     tie = logits.clone()
     tie[0, 4] = torch.tensor([0.0, 0.0, 0.0, 5.0, 0.0])  # now the model says W at (1, 1): the tie goes W
-    assert evaluate.arrival_logits(tie, x, arrival, 3)[0, 4].argmax().item() == data.MOVES.index((0, -1))
+    assert evaluate.arrival_logits(tie, x, arrival, (3, 3))[0, 4].argmax().item() == data.MOVES.index((0, -1))
     # only the goal and its two neighbours reached: (1, 0) goes north to (0, 0); (1, 1) keeps the model's E
     partial = torch.where(dist <= 1, arrival, torch.inf)
-    read = evaluate.arrival_logits(logits, x, partial, 3)
+    read = evaluate.arrival_logits(logits, x, partial, (3, 3))
     assert read[0, 3].argmax().item() == data.MOVES.index((-1, 0))
     torch.testing.assert_close(read[0, 4], logits[0, 4].log_softmax(-1))
     # (2, 0), below the unreached (1, 0), has a wall east of it: an arrival behind the wall, at (2, 1), does not count
     behind = partial.clone()
     behind[0, 7] = 0.0
-    torch.testing.assert_close(evaluate.arrival_logits(logits, x, behind, 3)[0, 6], logits[0, 6].log_softmax(-1))
+    torch.testing.assert_close(evaluate.arrival_logits(logits, x, behind, (3, 3))[0, 6],
+                               logits[0, 6].log_softmax(-1))
 
 
 def test_segments_auto_with_arrival_waits_until_the_front_reaches_the_start():
@@ -4418,7 +4419,8 @@ def test_arrival_keeps_each_cells_first_reached_inner_step_over_segments(maze_ru
     assert state["arrival_time"].tolist() == [[1.0, 2.0, 4.0, 3.0]] and state["arrival_clock"].tolist() == [4.0]
     with pytest.raises(ValueError, match="no front head|has none"):
         evaluate.Arrival(tiny_maze_model("hrm", R=2))
-    for extra, message in ((["--arrival"], "not trained with --front-every"), (["--arrival", "--latch"], "not with --latch")):
+    for extra, message in ((["--arrival"], "not trained with --front-every"),
+                           (["--arrival", "--latch"], "not with --latch")):
         with pytest.raises(SystemExit, match=message):
             evaluate.main([str(maze_run), "--n-test", "8", "--task", "maze8", "--data-dir", str(tmp_path), *extra])
         assert not any(tmp_path.iterdir())  # refused before any maze was made
