@@ -312,9 +312,10 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
     """Returns {"checkpoint" (the file scored), "step", "task", "data_seed", "inner_steps", "generator" (mazes: the
     kind scored, else None), "segments", "symmetries", "latch", "arrival", "temperature", "ablate", "n_test",
     **final segment metrics, "per_segment": [...], "routing": last segment's per-step head usage or None,
-    "chance": {...}}; with segments="auto" also "segments_used" (mean), "segments_max", "segment_cap" and "segments_per_item", and
-    per_segment holds the one set of metrics of the answers where each item stopped; with by_distance (mazes) also
-    "by_distance", data.accuracy_by_distance of the answers (the last segment's, or where each item stopped)."""
+    "chance": {...}}; with segments="auto" also "segments_used" (mean), "segments_max", "segment_cap" and
+    "segments_per_item", and per_segment holds the one set of metrics of the answers where each item stopped; with
+    by_distance (mazes) also "by_distance", data.accuracy_by_distance of the answers (the last segment's, or where
+    each item stopped)."""
     path = train.checkpoint_file(path)
     model, ckpt = train.load_checkpoint(path, device)
     config = ckpt.get("config") or {}
