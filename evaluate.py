@@ -255,6 +255,15 @@ class Arrival(Scoring):
                 "state": {**out["state"], "arrival_time": arrival, "arrival_clock": clock + reached.shape[1]}}
 
 
+def read_by_arrival(model, config, path):
+    """Arrival(model) for a run trained with --front-every, else ValueError: the head's reads inside a segment,
+    which the arrivals are, were never trained (this tool's and sample_maze.py's --arrival)."""
+    if not config.get("front_every"):
+        raise ValueError(f"--arrival reads the front head at every inner step; {path} was not trained with "
+                         "--front-every")
+    return Arrival(model)
+
+
 def parse_segments(text):
     """--segments as given: None (unset), "auto", or a count >= 1 as an int; anything else ends in one line (this
     tool's and sample_maze.py's flag)."""
@@ -345,16 +354,13 @@ def score(path, task_name=None, inner_steps=None, segments=None, n_test=None, da
         raise ValueError(f"{path} has no router (controller {model.cfg.controller}); nothing to ablate")
     if arrival and (latch or symmetries > 1):
         raise ValueError("--arrival reads one view's front head: not with --latch or --symmetries")
-    if arrival and not config.get("front_every"):
-        raise ValueError(f"--arrival reads the front head at every inner step; {path} was not trained with "
-                         "--front-every")
     # the read-outs wrap the model (each refuses what it cannot read), before the mazes are made
     if symmetries > 1:  # batch_size mazes' views per model call (batch_size // V mazes), not V times as many
         model, batch_size = SymmetryMean(model, symmetries), max(1, batch_size // symmetries)
     if latch:
         model = Latch(model)
     if arrival:
-        model = Arrival(model)
+        model = read_by_arrival(model, config, path)
     n_test = n_test or (config.get("n_test") if same else 1000)  # None: the task's own default, as train.py
     task = data.make_task(task_name, seed=seed, n_train=config.get("n_train") if same else 100,
                           n_val=config.get("n_val") if same else 0, n_test=n_test,

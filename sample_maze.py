@@ -6,6 +6,7 @@ Load a trained maze checkpoint, solve fresh mazes, print them as ASCII and draw 
     python sample_maze.py pretrained/maze12-hrm --grid-n 16 --inner-steps 12  # larger than trained, more steps
     python sample_maze.py pretrained/maze12-hrm --show-steps --diag           # refinement strip, routing diagnostics
     python sample_maze.py runs/maze12-hrm-s0/best.pt --grid-n 24 --generator gen_dfs_percolation --gen-arg p=0.1
+    python sample_maze.py pretrained/maze12-hrm --grid-n 32 --arrival --show-steps  # read by the front's arrival
 
 The checkpoint is a file (best.pt, ckpt.pt) or a run folder (its best.pt). Fresh mazes come from a maze-dataset
 generator (--generator, default DFS; --gen-arg for its arguments) with seed 1,000,000 + --seed, a stream apart
@@ -25,7 +26,9 @@ Outputs: --out (default <run folder>/samples.png) holds the first 16 solved maze
 "seg S t T" (segments from 1, as evaluate.py counts them; inner steps from 0). --diag prints per inner step the
 routing entropy, the mean max head weight, the temperature, the most used heads and H-UPDATE where the slow module
 f_H updated (t % T == 0), then which heads cells of each kind (start/goal neighbourhood, dead end, corridor,
-junction) keep, and writes <out>_heads.png, the head usage per step.
+junction) keep, and writes <out>_heads.png, the head usage per step. --arrival (a model trained with
+--front-every) reads each answer as evaluate.py --arrival does; its read is made per segment, so --show-steps then
+draws the first maze at the end of picked segments, and --diag is refused.
 """
 
 import argparse
@@ -81,24 +84,28 @@ def fresh_mazes(n, count, seed, target, generator=data.GENERATOR, gen_kwargs=Non
 
 
 @torch.no_grad()
-def run_traced(model, x, grid, segments, n_steps, temperature, patience=None, trace=True):
+def run_traced(model, x, grid, segments, n_steps, temperature, patience=None, trace=True, reads=False):
     """Run `segments` forwards carrying the state, as train.evaluate does, keeping every inner step's trace; with
     `patience`, stop early once every maze's decoded path has reached the goal and not changed for that many
     segments (segments is then the cap, as in evaluate.py --segments auto, which stops each maze on its own). Returns
     the final logits (B, N, C) and a list of per-step dicts with 'seg' (from 1) and 't' (from 0) added (the segments
     run: steps[-1]['seg']). trace=False keeps no tensors, only one {'seg', 't'} per segment (its last step): a
-    large grid's hundreds of segments would otherwise hold every step's state."""
+    large grid's hundreds of segments would otherwise hold every step's state; reads=True (with trace=False) adds
+    that segment's answer as the model reads it out, 'logits' (a read-out such as evaluate.Arrival takes no trace).
+    A model that says an item is "pending" (Arrival: its front has not reached the start) is not stable yet."""
     model.eval()
     state, steps, previous, calm = None, [], None, 0
     for s in range(segments):
         out = model(x, state=state, temperature=temperature, grid=grid, n_steps=n_steps, trace=trace)
         state = out["state"]
         steps += ([{"seg": s + 1, "t": t, **step} for t, step in enumerate(out["trace"])] if trace
-                  else [{"seg": s + 1, "t": n_steps - 1}])
+                  else [{"seg": s + 1, "t": n_steps - 1, **({"logits": out["logits"]} if reads else {})}])
         if patience is None:
             continue
         answer = data.decoded_paths(out["logits"], x)  # as evaluate.py --segments auto watches each maze
-        calm = calm + 1 if None not in answer and answer == previous else 0
+        if out.get("pending") is not None and out["pending"].any():
+            answer = None  # not ready (as run_adaptive counts it): the segments of calm start after it
+        calm = calm + 1 if answer is not None and None not in answer and answer == previous else 0
         previous = answer
         if calm >= patience:
             break
@@ -206,6 +213,9 @@ def get_parser():
                    "inner steps, evenly spaced over all segments")
     p.add_argument("--max-panels", type=int, default=12, help="--show-steps: at most this many steps, evenly spaced")
     p.add_argument("--diag", action="store_true", help="print routing per inner step and draw a head-usage heatmap")
+    p.add_argument("--arrival", action="store_true", help="a model trained with --front-every: each cell moves toward "
+                   "the open neighbour its front head read as reached first (as evaluate.py --arrival); --show-steps "
+                   "then draws that read at each segment's end")
     p.add_argument("--no-ascii", action="store_true", help="print only the metrics, not the mazes")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     return p
@@ -228,6 +238,13 @@ def main(argv=None):
         raise SystemExit(f"error: {exc}") from None
     model, ckpt, path = load_maze_model(args.ckpt, device)
     cfg, config = model.cfg, ckpt["config"]
+    if args.arrival:
+        if args.diag:
+            raise SystemExit("error: --diag reads the router at every inner step; --arrival reads segments")
+        try:
+            model = evaluate.read_by_arrival(model, config, path)
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from None
     trained_n = int(config["task"][4:])
     n = args.grid_n or trained_n
     n_steps = args.inner_steps or train.checkpoint_inner_steps(ckpt, model)
@@ -242,7 +259,7 @@ def main(argv=None):
     print(f"{path}: {config['task']} {cfg.controller} model (step {ckpt.get('step')}), solving "
           f"{args.num_samples} fresh {n}x{n} mazes ({data.generator_name(args.generator, gen_kwargs)}) with "
           f"{segments if segments != 'auto' else f'auto (at most {cap})'} segments x {n_steps} inner steps, "
-          f"temperature {temperature:.2f}")
+          f"temperature {temperature:.2f}" + (", read by the front's arrival" if args.arrival else ""))
 
     try:
         x, y, pool = fresh_mazes(n, args.num_samples, args.seed, target, args.generator, gen_kwargs)
@@ -250,10 +267,11 @@ def main(argv=None):
         raise SystemExit(f"error: {exc}") from None
     logits, steps = run_traced(model, x.to(device), (n, n), cap, n_steps, temperature,
                                patience=evaluate.PATIENCE if segments == "auto" else None,
-                               trace=args.show_steps or args.diag)
+                               trace=(args.show_steps or args.diag) and not args.arrival,
+                               reads=args.show_steps and args.arrival)
     if segments == "auto":
         print(f"ran {steps[-1]['seg']} segments (every path at the goal and unchanged for {evaluate.PATIENCE} "
-              f"segments, or the cap)")
+              f"segments{', every start reached by the front' if args.arrival else ''}, or the cap)")
     scores = logits.float().cpu().numpy()
     mazes, titles = [], []
     for b in range(args.num_samples):

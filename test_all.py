@@ -4163,29 +4163,49 @@ def test_evaluate_scores_mazes_of_another_generator_with_loops(maze_run, capsys)
             evaluate.main([str(maze_run), "--n-test", "4", *argv])
 
 
-def test_the_pretrained_maze_model_loads_and_solves_fresh_maze12_mazes_with_and_without_loops():
+def test_the_pretrained_maze_model_loads_and_solves_fresh_mazes_with_and_without_loops_read_by_arrival():
     path = os.path.join(REPO, "pretrained", "maze12-hrm")
     assert os.path.getsize(os.path.join(path, "best.pt")) < 2**20  # under 1 MB, as committed
     model, ckpt = train.load_checkpoint(train.checkpoint_file(path))
+    assert ckpt["config"]["front_every"]  # it has the front head that --arrival reads
     task = type("T", (), {"grid": (12, 12), "metrics": staticmethod(data.maze_metrics)})
-    scores = {}
+    temperature, scores = train.checkpoint_temperature(ckpt), {}
     for name, gen_kwargs in [("gen_dfs", None), ("gen_dfs_percolation", {"p": 0.1})]:
         x, y, _ = sample_maze.fresh_mazes(12, 100, seed=0, target="direction", generator=name, gen_kwargs=gen_kwargs)
-        scores[name] = train.evaluate(model, task, x, y, ckpt["config"]["segments"],
-                                      temperature=train.checkpoint_temperature(ckpt))["per_segment"][-1]["optimal"]
-    # perfect mazes solved; mazes with loops (a density it did not train on): 1.00 here, where a perfect-maze
-    # model scores 0.29, the first loops fine-tune (no distance target, gradient through 2 inner steps) 0.82 and
-    # an earlier shipped model (one stage at 4 inner steps x 16 segments) 0.92
-    assert scores["gen_dfs"] >= 0.99 and scores["gen_dfs_percolation"] >= 0.95, scores
-    # trained at 12x12 only, it solves perfect 24x24 mazes given more segments: 1.000 of 300 test mazes with
-    # --segments auto (8.7 used on average, 16 or fewer for 92%), where an earlier shipped model (trained with a
-    # distance read) scored 0.737
-    x, y, _ = sample_maze.fresh_mazes(24, 20, seed=0, target="direction")
+        reads = [("arrival", evaluate.Arrival(model))] + ([("moves", model)] if gen_kwargs else [])
+        for read, scorer in reads:
+            scored = train.evaluate(scorer, task, x, y, 8, temperature=temperature)
+            scores[name, read] = scored["per_segment"][-1]["optimal"]
+    # by arrival, as it is meant to be read, and by moves, as train.py scores: 1.00, 1.00 and 0.99 here (8
+    # segments; it trained at 16), where the perfect-maze model scores 0.29 with loops (p = 0.1, a density it did
+    # not train on)
+    assert scores["gen_dfs", "arrival"] >= 0.99 and scores["gen_dfs_percolation", "arrival"] >= 0.99, scores
+    assert scores["gen_dfs_percolation", "moves"] >= 0.95, scores
+    # trained at 12x12 only, it solves 24x24 mazes with loops, read by arrival (1.00 here from segment 4 on; 1.000
+    # of 300 test mazes with --segments auto, 5.9 used on average)
+    x, y, _ = sample_maze.fresh_mazes(24, 20, seed=0, target="direction", generator="gen_dfs_percolation",
+                                      gen_kwargs={"p": 0.1})
     task.grid = (24, 24)
-    big = train.evaluate(model, task, x, y, 16, temperature=train.checkpoint_temperature(ckpt))["per_segment"][-1]
-    assert big["optimal"] >= 0.9, big  # 0.95 here; the model trained with the distance read 0.50
-    recorded = json.load(open(os.path.join(path, "test.json")))  # its own test set: the training mix
+    big = train.evaluate(evaluate.Arrival(model), task, x, y, 8, temperature=temperature)["per_segment"][-1]
+    assert big["optimal"] >= 0.9, big
+    recorded = json.load(open(os.path.join(path, "test.json")))  # its own test set: the training mix, by moves
     assert recorded["generator"] == ckpt["config"]["mazes"] and recorded["optimal"] > 0.95
+
+
+def test_sample_maze_arrival_reads_the_pretrained_model_and_draws_segment_ends(maze_run, tmp_path, monkeypatch):
+    """sample_maze.py --arrival: the pretrained model read by arrival solves fresh 12x12 mazes with loops, and
+    --show-steps draws segment ends (the read is per segment); --diag and a model without --front-every are refused."""
+    drawn = {}
+    monkeypatch.setattr(plots, "draw_refinement", lambda panels, out, titles: drawn.update(titles=titles) or out)
+    total = sample_maze.main([os.path.join(REPO, "pretrained", "maze12-hrm"), "--num-samples", "3", "--arrival",
+                              "--generator", "gen_dfs_percolation", "--gen-arg", "p=0.1", "--segments", "6",
+                              "--show-steps", "--no-ascii", "--out", str(tmp_path / "s.png")])
+    assert total["optimal"] == 1.0  # 3 of 3 (1.000 of 1,000 such test mazes with --segments auto)
+    assert [t.split(":")[0] for t in drawn["titles"]] == [f"seg {s} t 7" for s in range(1, 7)]
+    for argv, message in ((["--arrival", "--diag"], "--diag"), (["--arrival"], "not trained with --front-every")):
+        with pytest.raises(SystemExit, match=message):
+            sample_maze.main([str(maze_run), "--num-samples", "1", "--no-ascii", "--out", str(tmp_path / "t.png"),
+                              *argv])
 
 
 def test_the_pretrained_sort_model_is_stored_in_half_precision_and_ranks_fresh_arrays():
@@ -4391,6 +4411,10 @@ def test_segments_auto_with_arrival_waits_until_the_front_reaches_the_start():
     assert used.tolist() == [7, 9]  # each start's arrival, then 2 segments that repeat the answer
     assert data.rollout(answer[0].numpy(), o, start, goal) == [(1, 0), (0, 0), (0, 1)]
     assert len(data.rollout(answer[1].numpy(), o, (1, 1), goal)) == 4  # 3 moves: either way round is shortest
+    # sample_maze.py waits for the batch's last start, so for both answers to hold 2 segments from then on
+    _, steps = sample_maze.run_traced(evaluate.Arrival(Front()), x, (3, 3), 20, 1, 1.0, patience=2, trace=False,
+                                      reads=True)
+    assert [s["seg"] for s in steps] == list(range(1, 10)) and steps[-1]["logits"].shape == (2, 9, 5)
 
 
 def test_arrival_keeps_each_cells_first_reached_inner_step_over_segments(maze_run, tmp_path):
