@@ -12,9 +12,9 @@ The checkpoint is a file (best.pt, ckpt.pt) or a run folder (its best.pt). Fresh
 generator (--generator, default DFS; --gen-arg for its arguments) with seed 1,000,000 + --seed, a stream apart
 from the train/val/test pools (seeds 0, 1, 2, ...), and nothing is cached. The model runs as it was evaluated
 in training: the checkpoint's segments (on another grid size: auto, until every maze's answer has held for 3
-segments, up to evaluate.py's cap; evaluate.py --segments auto stops each maze on its own instead, so a maze drawn
-here can run a few segments longer than it was scored), its inner steps, the temperature it trained at when saved,
-its top-k and hard/soft routing.
+segments, and with --arrival every start is reached by the front, up to evaluate.py's cap; evaluate.py --segments
+auto stops each maze on its own instead, so a maze drawn here can run a few segments longer than it was scored),
+its inner steps, the temperature it trained at when saved, its top-k and hard/soft routing.
 
 ASCII legend: walls are + - |, S start, G goal, * predicted path on the true path, x predicted path off the true
 path (a wrong cell), o true path the prediction missed, blank: neither. The true path is a shortest path: the
@@ -91,7 +91,8 @@ def run_traced(model, x, grid, segments, n_steps, temperature, patience=None, tr
     the final logits (B, N, C) and a list of per-step dicts with 'seg' (from 1) and 't' (from 0) added (the segments
     run: steps[-1]['seg']). trace=False keeps no tensors, only one {'seg', 't'} per segment (its last step): a
     large grid's hundreds of segments would otherwise hold every step's state; reads=True (with trace=False) adds
-    that segment's answer as the model reads it out, 'logits' (a read-out such as evaluate.Arrival takes no trace).
+    the first maze's answer at that segment's end as the model reads it out, 'logits' (1, N, C) on the CPU (what
+    --show-steps draws; a read-out such as evaluate.Arrival takes no trace).
     A model that says an item is "pending" (Arrival: its front has not reached the start) is not stable yet."""
     model.eval()
     state, steps, previous, calm = None, [], None, 0
@@ -99,7 +100,7 @@ def run_traced(model, x, grid, segments, n_steps, temperature, patience=None, tr
         out = model(x, state=state, temperature=temperature, grid=grid, n_steps=n_steps, trace=trace)
         state = out["state"]
         steps += ([{"seg": s + 1, "t": t, **step} for t, step in enumerate(out["trace"])] if trace
-                  else [{"seg": s + 1, "t": n_steps - 1, **({"logits": out["logits"]} if reads else {})}])
+                  else [{"seg": s + 1, "t": n_steps - 1, **({"logits": out["logits"][:1].cpu()} if reads else {})}])
         if patience is None:
             continue
         answer = data.decoded_paths(out["logits"], x)  # as evaluate.py --segments auto watches each maze
@@ -207,10 +208,11 @@ def get_parser():
                    help="an argument of --generator, e.g. p=0.1 (loop density of gen_dfs_percolation); repeatable")
     p.add_argument("--inner-steps", type=int, default=None, help="inner steps per segment (default: as trained)")
     p.add_argument("--segments", default=None, help="segments, or auto: until every maze's answer is stable (as "
-                   "evaluate.py; default: the checkpoint's on its own grid size, auto on another)")
+                   "evaluate.py; with --arrival, also every start reached; default: the checkpoint's on its own "
+                   "grid size, auto on another)")
     p.add_argument("--out", default=None, help="PNG of the solved mazes (default <run folder>/samples.png)")
     p.add_argument("--show-steps", action="store_true", help="also draw the first maze at up to --max-panels "
-                   "inner steps, evenly spaced over all segments")
+                   "inner steps, evenly spaced over all segments (with --arrival: segment ends)")
     p.add_argument("--max-panels", type=int, default=12, help="--show-steps: at most this many steps, evenly spaced")
     p.add_argument("--diag", action="store_true", help="print routing per inner step and draw a head-usage heatmap")
     p.add_argument("--arrival", action="store_true", help="a model trained with --front-every: each cell moves toward "
