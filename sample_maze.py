@@ -103,9 +103,10 @@ def run_traced(model, x, grid, segments, n_steps, temperature, patience=None, tr
                   else [{"seg": s + 1, "t": n_steps - 1, **({"logits": out["logits"][:1].cpu()} if reads else {})}])
         if patience is None:
             continue
-        answer = data.decoded_paths(out["logits"], x)  # as evaluate.py --segments auto watches each maze
-        if out.get("pending") is not None and out["pending"].any():
-            answer = None  # not ready (as run_adaptive counts it): the segments of calm start after it
+        # as evaluate.py --segments auto watches each maze; a pending answer is not ready (as run_adaptive counts
+        # it): the segments of calm start after it
+        pending = out.get("pending") is not None and bool(out["pending"].any())
+        answer = None if pending else data.decoded_paths(out["logits"], x)
         calm = calm + 1 if answer is not None and None not in answer and answer == previous else 0
         previous = answer
         if calm >= patience:
@@ -238,11 +239,11 @@ def main(argv=None):
         device = train.pick_device(args.device)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
+    if args.arrival and args.diag:
+        raise SystemExit("error: --diag reads the router at every inner step; --arrival reads segments")
     model, ckpt, path = load_maze_model(args.ckpt, device)
     cfg, config = model.cfg, ckpt["config"]
     if args.arrival:
-        if args.diag:
-            raise SystemExit("error: --diag reads the router at every inner step; --arrival reads segments")
         try:
             model = evaluate.read_by_arrival(model, config, path)
         except ValueError as exc:
