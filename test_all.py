@@ -4307,6 +4307,11 @@ def test_the_front_target_marks_the_cells_an_answer_from_the_goal_can_have_reach
                              "--wave-speed", "2", "--front-weight", "0.1"))
     logged = read_log(tuned)
     assert all(row["front"] > 0 for row in logged if row["split"] == "train")
+    # the front loss at the end, against the bound for an exact head: in test.json and printed (2 steps: far above)
+    fronts = [row["front"] for row in logged if row["split"] == "train"]
+    assert json.loads((tuned / "test.json").read_text())["front_loss_at_end"] == pytest.approx(sum(fronts) / len(fronts))
+    assert "not below 0.005: the front head is not exact yet" in capsys.readouterr().out
+    assert "front_loss_at_end" not in json.loads((tmp_path / "run" / "test.json").read_text())
     for flags, message in ((("--front-weight", "0.1", "--wave-speed", "0"), "--front-weight needs --wave-speed"),
                            (("--front-weight", "-1"), "--front-weight must be >= 0"),
                            (("--front-speed", "1"), "--front-speed needs --front-weight > 0"),
@@ -4314,6 +4319,22 @@ def test_the_front_target_marks_the_cells_an_answer_from_the_goal_can_have_reach
         with pytest.raises(SystemExit):
             train.main(tiny_run_args(tmp_path, "maze5", *flags))
         assert message in capsys.readouterr().err
+
+
+def test_front_loss_at_end_averages_the_training_lines_of_the_last_window_of_steps(tmp_path, capsys):
+    rows = [{"step": 16, "split": "train", "front": 0.5}, {"step": 900, "split": "train", "front": 0.1},
+            {"step": 950, "split": "train", "front": 0.002}, {"step": 1000, "split": "val", "front": 9.0},
+            {"step": 1000, "split": "train", "front": 0.004}]
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert train.front_loss_at_end(str(log)) == pytest.approx(0.003)  # steps 950 and 1000: after 1000 - 100
+    assert train.front_loss_at_end(str(log), window=101) == pytest.approx((0.1 + 0.002 + 0.004) / 3)
+    log.write_text(json.dumps({"step": 2, "split": "train", "loss": 1.0}) + "\n")
+    assert train.front_loss_at_end(str(log)) is None  # no front head
+    train.report_front(0.003, "runs/x")
+    assert "below 0.005: the front head is exact" in capsys.readouterr().out
+    train.report_front(0.005, "runs/x")
+    assert "--init-from runs/x/ckpt.pt" in capsys.readouterr().out
 
 
 def test_front_every_targets_each_inner_step_and_scores_the_head_at_each_with_a_gradient(tmp_path):
