@@ -4328,10 +4328,10 @@ def test_front_loss_at_end_averages_the_training_lines_of_the_last_window_of_ste
             {"step": 1000, "split": "train", "front": 0.004}]
     log = tmp_path / "metrics.jsonl"
     log.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    assert train.front_loss_at_end(str(log)) == pytest.approx(0.003)  # steps 950 and 1000: after 1000 - 100
-    assert train.front_loss_at_end(str(log), window=101) == pytest.approx((0.1 + 0.002 + 0.004) / 3)
+    assert train.front_loss_at_end(str(tmp_path)) == pytest.approx(0.003)  # steps 950 and 1000: after 1000 - 100
+    assert train.front_loss_at_end(str(tmp_path), window=101) == pytest.approx((0.1 + 0.002 + 0.004) / 3)
     log.write_text(json.dumps({"step": 2, "split": "train", "loss": 1.0}) + "\n")
-    assert train.front_loss_at_end(str(log)) is None  # no front head
+    assert train.front_loss_at_end(str(tmp_path)) is None  # no front head
     train.report_front(0.003, "runs/x")
     out = capsys.readouterr().out
     assert "below 0.005: no sign of an inexact front head" in out and "--init-from" not in out

@@ -913,11 +913,11 @@ def validate(r, clock, log, eval_kw):
     return final
 
 
-def front_loss_at_end(log_path, window=FRONT_WINDOW):
-    """The mean front loss of the training log lines in the last `window` steps of a metrics.jsonl, or None where no
-    line has one (a run without --front-weight)."""
-    with open(log_path) as f:
-        rows = [row for row in map(json.loads, f) if row.get("split") == "train" and "front" in row]
+def front_loss_at_end(run_dir, window=FRONT_WINDOW):
+    """The mean front loss of the training log lines in the last `window` steps of a run's metrics.jsonl, or None
+    where no line has one (a run without --front-weight)."""
+    import plots  # here, as in test_best: importing train.py stays light
+    rows = [row for row in plots.read_metrics(run_dir)["train"] if "front" in row]
     if not rows:
         return None
     last = max(row["step"] for row in rows)
@@ -949,7 +949,7 @@ def test_best(r, log, eval_kw):
               "per_segment": scored["per_segment"], "routing": scored["routing"]}
     if hasattr(r.task, "chance"):  # mazes: the same rollout on random scores, the level to clear
         result["chance"] = r.task.chance(x_test, y_test)
-    front = front_loss_at_end(os.path.join(r.args.out_dir, "metrics.jsonl")) if r.args.front_weight else None
+    front = front_loss_at_end(r.args.out_dir) if r.args.front_weight else None
     if front is not None:  # None: a log without its training lines (deleted by hand), nothing to report
         result["front_loss_at_end"] = front
     with open(os.path.join(r.args.out_dir, "test.json"), "w") as f:
